@@ -1,0 +1,133 @@
+"""create_app(settings): lifespan, routers, middleware, error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
+from sqlalchemy import event, text
+from starlette.responses import Response
+
+from orders_api import idempotency
+from orders_api.config import Settings
+from orders_api.db import create_engine
+from orders_api.errors import ErrorBody, error_body, install_error_handlers
+from orders_api.observability import (
+    POOL_IN_USE,
+    RequestContextMiddleware,
+    configure_logging,
+    metrics_endpoint,
+    setup_tracing,
+)
+from orders_api.orders.router import router as orders_router
+from orders_api.tenancy import JwtVerifier
+
+log = structlog.get_logger("orders_api.app")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_app(settings: Settings | None = None, clock: Clock = utc_now) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        _count_pool_usage(engine)
+        state = app.state
+        state.engine = engine
+        state.reader = engine.execution_options(readonly=True)
+        state.cursor_secret = settings.cursor_secret.encode() or None
+        setup_tracing(app, engine, settings.otel_exporter, settings.otel_service_name)
+        purge = asyncio.create_task(_purge_keys_forever(state, settings))
+        try:
+            yield
+        finally:
+            purge.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purge
+            await engine.dispose()
+
+    app = FastAPIOffline(
+        title="orders-api",
+        version="0.1.0",
+        description="Multi-tenant orders: idempotent create, optimistic locking, "
+        "keyset pagination, transactional outbox.",
+        lifespan=lifespan,
+        responses={422: {"model": ErrorBody, "description": "never sent: see 400"}},
+    )
+    app.state.settings = settings
+    app.state.clock = clock
+    app.state.idempotency_window = timedelta(seconds=settings.idempotency_window_seconds)
+    app.state.jwt_verifier = JwtVerifier(settings) if settings.auth_mode == "jwt" else None
+    install_error_handlers(app)
+    app.include_router(orders_router)
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["ops"])
+    app.add_api_route(
+        "/readyz", readyz, methods=["GET"], tags=["ops"], responses={503: {"model": ErrorBody}}
+    )
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["ops"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: each reads the same environment."""
+    return create_app(Settings())
+
+
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+async def readyz(request: Request) -> Response:
+    """The database answers."""
+    try:
+        async with request.app.state.reader.connect() as conn:
+            await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
+    except Exception as exc:
+        log.warning("not ready", error=type(exc).__name__)
+        return Response(
+            error_body("unavailable", "database unreachable"),
+            status_code=503,
+            media_type="application/json",
+        )
+    return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+def _count_pool_usage(engine: Any) -> None:
+    pool_events = engine.sync_engine.pool
+
+    @event.listens_for(pool_events, "checkout")
+    def _checkout(*_: Any) -> None:
+        POOL_IN_USE.inc()
+
+    @event.listens_for(pool_events, "checkin")
+    def _checkin(*_: Any) -> None:
+        POOL_IN_USE.dec()
+
+
+async def _purge_keys_forever(state: Any, settings: Settings) -> None:
+    """Expired idempotency keys are deleted in the background by every worker (cheap, batched)."""
+    window = timedelta(seconds=settings.idempotency_window_seconds)
+    while True:
+        await asyncio.sleep(settings.idempotency_purge_interval_seconds)
+        try:
+            removed = await idempotency.purge_expired_keys(state.engine, window, state.clock())
+        except Exception as exc:  # an outage must not end the loop; the next round retries
+            log.warning("idempotency purge failed", error=type(exc).__name__)
+        else:
+            if removed:
+                log.info("purged idempotency keys", removed=removed)

@@ -1,0 +1,222 @@
+"""HTTP adapter for orders: headers and body in, JSON and headers out. No SQL here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, ValidationError
+from starlette.responses import Response
+
+from orders_api import idempotency
+from orders_api.errors import (
+    ErrorBody,
+    NotFound,
+    PreconditionRequired,
+    UnsupportedMediaType,
+    ValidationFailed,
+    validation_failed,
+)
+from orders_api.orders import service
+from orders_api.orders.schemas import (
+    ClosedOrder,
+    ConfirmedOrder,
+    ConfirmOrderRequest,
+    CreatedOrder,
+    EmptyRequest,
+    Order,
+    OrderPage,
+)
+from orders_api.pagination import InvalidCursor, cursor_secret, decode_cursor
+from orders_api.tenancy import TenantDep
+
+router = APIRouter(prefix="/orders", tags=["orders"])
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+_ETAG = re.compile(r'(?:W/)?"(\d{1,10})"|(\d{1,10})')
+MAX_VERSION = 2_147_483_647
+
+
+def parse_if_match(value: str) -> frozenset[int] | None:
+    """`*` -> None (any version); `"3"`, `3`, `W/"3"` or a comma list -> the versions named.
+
+    Weak and bare tags are accepted although RFC 9110 asks for strong comparison, because
+    proxies weaken ETags; anything else is a 400.
+    """
+    value = value.strip()
+    if value == "*":
+        return None
+    versions: set[int] = set()
+    for part in value.split(","):
+        match = _ETAG.fullmatch(part.strip())
+        if match is None:
+            raise ValidationFailed('If-Match must be *, a version or a list of ETags like "3"')
+        version = int(match.group(1) or match.group(2))
+        if not 1 <= version <= MAX_VERSION:
+            raise ValidationFailed("If-Match names a version out of range")
+        versions.add(version)
+    return frozenset(versions)
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+async def read_json(request: Request) -> Any:
+    """The parsed body; empty or whitespace-only counts as `{}`."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise UnsupportedMediaType("the body must be application/json")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("malformed JSON body") from None
+
+
+def validate_body(model: type[ModelT], data: Any) -> ModelT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_failed(exc.errors(include_input=False), "invalid request body") from None
+
+
+def parse_order_id(value: str) -> uuid.UUID:
+    """A malformed id names no order: 404, like an unknown one."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound("order not found") from None
+
+
+def json_response(body: dict[str, Any], status_code: int = 200, **headers: str) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json"
+    )
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody} for code in (*codes, 401, 503)}
+
+
+def _json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+IdempotencyKey = Annotated[
+    str,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="1-255 visible ASCII characters, taken verbatim",
+    ),
+]
+IfMatch = Annotated[
+    str | None,
+    Header(alias="If-Match", max_length=1024, description='`"3"`, `3`, `W/"3"`, a list, or `*`'),
+]
+OrderId = Annotated[str, "order id (UUID)"]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=CreatedOrder,
+    responses={
+        200: {"model": CreatedOrder, "description": "Replay of the original response"},
+        **_errors(400, 409, 413, 415),
+    },
+    openapi_extra=_json_body(EmptyRequest, required=False),
+)
+async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey) -> Response:
+    state = request.app.state
+    data = await read_json(request)
+    request_hash = idempotency.fingerprint(data)
+    now = state.clock()
+    window = state.idempotency_window
+    try:
+        EmptyRequest.model_validate(data)
+    except ValidationError as exc:
+        if await service.key_in_use(state.reader, tenant, key, request_hash, now, window):
+            raise service.key_reused() from None
+        raise validation_failed(exc.errors(include_input=False), "invalid request body") from None
+    result = await service.create_order(state.engine, tenant, key, request_hash, now, window)
+    headers = {"Location": f"/orders/{result.body['id']}", "ETag": f'"{result.body["version"]}"'}
+    if result.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(result.body, 200 if result.replayed else 201, **headers)
+
+
+@router.patch(
+    "/{order_id}/confirm",
+    response_model=ConfirmedOrder,
+    responses=_errors(400, 404, 409, 413, 415, 428),
+    openapi_extra=_json_body(ConfirmOrderRequest, required=True),
+)
+async def confirm_order(
+    request: Request, tenant: TenantDep, order_id: OrderId, if_match: IfMatch = None
+) -> Response:
+    expected = parse_if_match(if_match) if if_match is not None else None
+    body = validate_body(ConfirmOrderRequest, await read_json(request))
+    if if_match is None:
+        raise PreconditionRequired("If-Match is required: send the ETag you read")
+    state = request.app.state
+    result = await service.confirm_order(
+        state.engine, tenant, parse_order_id(order_id), expected, body.totalCents, state.clock()
+    )
+    return json_response(result, ETag=f'"{result["version"]}"')
+
+
+@router.post(
+    "/{order_id}/close",
+    response_model=ClosedOrder,
+    responses=_errors(400, 404, 409, 413, 415),
+    openapi_extra=_json_body(EmptyRequest, required=False),
+)
+async def close_order(
+    request: Request, tenant: TenantDep, order_id: OrderId, if_match: IfMatch = None
+) -> Response:
+    expected = parse_if_match(if_match) if if_match is not None else None
+    validate_body(EmptyRequest, await read_json(request))
+    state = request.app.state
+    result = await service.close_order(
+        state.engine, tenant, parse_order_id(order_id), expected, state.clock()
+    )
+    return json_response(result, ETag=f'"{result["version"]}"')
+
+
+@router.get("/{order_id}", response_model=Order, responses=_errors(404))
+async def get_order(request: Request, tenant: TenantDep, order_id: OrderId) -> Response:
+    result = await service.get_order(request.app.state.reader, tenant, parse_order_id(order_id))
+    return json_response(result, ETag=f'"{result["version"]}"')
+
+
+@router.get("", response_model=OrderPage, responses=_errors(400))
+async def list_orders(
+    request: Request,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> Response:
+    state = request.app.state
+    secret = await cursor_secret(state)
+    after = None
+    if cursor is not None:
+        try:
+            after = decode_cursor(secret, tenant, cursor)
+        except InvalidCursor as exc:
+            raise ValidationFailed(str(exc)) from None
+    return json_response(await service.list_orders(state.reader, tenant, limit, after, secret))
