@@ -6,7 +6,7 @@ UV := $(BIN)/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint migrate bench clean
+.PHONY: install run test lint migrate bench bench-scale clean
 
 $(BIN)/orders-api: pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+
+# Load benchmark against PostgreSQL (BENCH_PG_URL, default postgres@127.0.0.1:5432): wrk per
+# scenario at 10 and 64 connections plus the pgbench ceiling; about 6 minutes. Not run in CI.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Load and scale benchmarks: `make bench`, `make bench-scale` (see README, Performance)."""
