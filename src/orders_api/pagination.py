@@ -51,6 +51,10 @@ def decode_cursor(secret: bytes, tenant_id: str, cursor: str) -> tuple[datetime,
         raw = base64.urlsafe_b64decode(cursor + "==")
     except (binascii.Error, ValueError):
         raise InvalidCursor("malformed cursor") from None
+    # The decoder skips foreign characters, takes +/ for -_ and ignores the last character's
+    # spare bits: only the one canonical spelling of the bytes is a cursor.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != cursor:
+        raise InvalidCursor("malformed cursor")
     body, mac = raw[: _BODY.size], raw[_BODY.size :]
     if len(mac) != _MAC_BYTES or not hmac.compare_digest(mac, _mac(secret, tenant_id, body)):
         raise InvalidCursor("cursor is not valid for this tenant")
