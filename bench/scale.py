@@ -1,0 +1,223 @@
+"""`make bench-scale`: list and create with 1,000,000 orders over 100 tenants.
+
+The orders are bulk-loaded by SQL (Zipf-sized tenants, so the biggest one holds ~190,000
+rows, interleaved in arrival order as real traffic would leave them). Measured through the
+API with wrk: the first page and a page 50,000 rows deep (reached with a real cursor), and
+create, each compared with the database before the load. EXPLAIN shows the plan of the
+list statement: an index scan on (tenant_id, created_at DESC, id DESC), no sort.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+
+from bench.harness import (
+    BENCH,
+    LoadResult,
+    fresh_database,
+    machine,
+    memory_mb,
+    out,
+    run_wrk,
+    serve,
+    write_results,
+)
+from bench.run import deep_cursor, insert_orders
+
+TOTAL_ORDERS = 1_000_000
+TENANTS = 100
+DEEP = 50_000
+SMALL_TENANT = "scale-small"
+
+BULK_LOAD = """
+INSERT INTO orders (id, tenant_id, status, version, total_cents, created_at, updated_at)
+SELECT gen_random_uuid(), tenant, status, version, total, ts, ts
+FROM (
+    SELECT t.tenant,
+           (ARRAY['draft', 'confirmed', 'closed'])[1 + g % 3] AS status,
+           1 + g % 3 AS version,
+           CASE WHEN g % 3 = 0 THEN NULL ELSE g % 100000 END AS total,
+           now() - interval '1 hour' - random() * interval '30 days' AS ts
+    FROM unnest($1::text[], $2::int[]) AS t(tenant, n),
+         LATERAL generate_series(1, t.n) AS g
+) AS generated
+ORDER BY ts
+"""
+
+# The statement the API issues for a page (bench/sql/list.sql), with literals for EXPLAIN.
+LIST_PAGE = """
+SELECT orders.id, orders.tenant_id, orders.status, orders.version, orders.total_cents,
+       orders.created_at, orders.updated_at
+FROM orders
+WHERE orders.tenant_id = $1 {after}
+ORDER BY orders.created_at DESC, orders.id DESC
+LIMIT 11
+"""
+
+
+def tenant_sizes() -> dict[str, int]:
+    """Zipf: tenant k holds a share proportional to 1/k; the rounding remainder goes to k=1."""
+    harmonic = sum(1 / k for k in range(1, TENANTS + 1))
+    sizes = {f"scale-{k:03d}": int(TOTAL_ORDERS / (k * harmonic)) for k in range(1, TENANTS + 1)}
+    sizes["scale-001"] += TOTAL_ORDERS - sum(sizes.values())
+    return sizes
+
+
+async def bulk_load(url: str, sizes: dict[str, int]) -> float:
+    conn = await asyncpg.connect(url, command_timeout=None)
+    started = time.perf_counter()
+    try:
+        await conn.execute(BULK_LOAD, list(sizes), list(sizes.values()))
+        await conn.execute("VACUUM (ANALYZE) orders")
+    finally:
+        await conn.close()
+    return time.perf_counter() - started
+
+
+async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the list statement for the first page or `depth` rows in."""
+    conn = await asyncpg.connect(url)
+    try:
+        after = ""
+        params: list[Any] = [tenant]
+        if depth:
+            row = await conn.fetchrow(
+                "SELECT created_at, id FROM orders WHERE tenant_id = $1"
+                " ORDER BY created_at DESC, id DESC OFFSET $2 LIMIT 1",
+                tenant,
+                depth - 1,
+            )
+            assert row is not None
+            after = "AND (orders.created_at, orders.id) < ($2, $3)"
+            params += [row["created_at"], row["id"]]
+        sql = LIST_PAGE.format(after=after)
+        # A generic plan is what a prepared statement runs after its first executions.
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)
+    finally:
+        await conn.close()
+    plan = [r[0] for r in rows]
+    text = "\n".join(plan)
+    return {
+        "plan": plan,
+        "index_scan": "Index Scan using ix_orders_tenant_created_id" in text,
+        "sort": any(line.strip().startswith(("Sort", "->  Sort")) for line in plan),
+    }
+
+
+def summary(result: LoadResult) -> str:
+    return (
+        f"{result.rps:>9.1f} req/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+        f"errors {result.errors}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--database", default="orders_bench_scale")
+    args = parser.parse_args()
+    duration, conns = args.duration, args.connections
+
+    out(f"== fresh database {args.database}, migrated")
+    url = fresh_database(args.database)
+    asyncio.run(insert_orders(url, SMALL_TENANT, 100))
+    sizes = tenant_sizes()
+    big = max(sizes, key=lambda name: sizes[name])
+    results: dict[str, LoadResult] = {}
+
+    def load(label: str, script: str, expect: int, env: dict[str, str], base_url: str) -> None:
+        results[label] = run_wrk(
+            label, script, base_url, conns, duration, {"BENCH_EXPECT": str(expect), **env}
+        )
+        out(f"  {label:<22} {summary(results[label])}")
+
+    with serve(url, args.workers, "bench-scale") as server:
+        base = server.base_url
+        run_wrk("warm-up", "create.lua", base, conns, 2, {"BENCH_EXPECT": "201"})
+        out(f"== before the load (100 orders), wrk {conns} connections, {duration}s")
+        load("create (empty)", "create.lua", 201, {"BENCH_KEY_PREFIX": "empty"}, base)
+        load("list first (empty)", "list.lua", 200, {"BENCH_TENANT": SMALL_TENANT}, base)
+
+        out(
+            f"== bulk load: {TOTAL_ORDERS:,} orders over {TENANTS} tenants (biggest {big}: "
+            f"{sizes[big]:,} rows)"
+        )
+        seconds = asyncio.run(bulk_load(url, sizes))
+        out(f"  loaded and analysed in {seconds:.0f}s")
+        cursor = deep_cursor(server, big, DEEP)
+
+        out(f"== with {TOTAL_ORDERS:,} orders")
+        load("list first (1M)", "list.lua", 200, {"BENCH_TENANT": big}, base)
+        load(
+            f"list {DEEP:,} deep (1M)",
+            "list.lua",
+            200,
+            {"BENCH_TENANT": big, "BENCH_CURSOR": cursor},
+            base,
+        )
+        load("create (1M)", "create.lua", 201, {"BENCH_KEY_PREFIX": "loaded"}, base)
+        workers = {pid: memory_mb(pid) for pid in server.worker_pids()}
+
+    plans = {
+        "first": asyncio.run(explain(url, big, 0)),
+        "deep": asyncio.run(explain(url, big, DEEP)),
+    }
+    first = results["list first (1M)"]
+    deep = results[f"list {DEEP:,} deep (1M)"]
+    create_empty, create_loaded = results["create (empty)"], results["create (1M)"]
+    ratios = {
+        "deep_over_first_p50": round(deep.p50_ms / first.p50_ms, 3),
+        "deep_over_first_rps": round(first.rps / deep.rps, 3),
+        "create_loaded_over_empty_p50": round(create_loaded.p50_ms / create_empty.p50_ms, 3),
+    }
+
+    out()
+    for name, plan in plans.items():
+        out(f"== EXPLAIN (ANALYZE, BUFFERS), {name} page of {big}")
+        for line in plan["plan"]:
+            out("  " + line)
+    out()
+    out(f"{'run':<24} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for label, r in results.items():
+        out(f"{label:<24} {r.rps:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.errors:>7}")
+    out()
+    deep_ok = ratios["deep_over_first_p50"] <= 1.3
+    out(
+        f"deep/first p50 latency: {ratios['deep_over_first_p50']:.2f} "
+        f"({'PASS' if deep_ok else 'FAIL'}, target <= 1.3); by req/s "
+        f"{ratios['deep_over_first_rps']:.2f}"
+    )
+    out(
+        f"create p50 with 1M orders / before the load: {ratios['create_loaded_over_empty_p50']:.2f}"
+    )
+    for name, plan in plans.items():
+        verdict = "PASS" if plan["index_scan"] and not plan["sort"] else "FAIL"
+        out(f"{name} page plan: index scan {plan['index_scan']}, sort {plan['sort']} ({verdict})")
+    path = write_results(
+        "bench-scale",
+        {
+            "machine": machine(),
+            "workers": args.workers,
+            "connections": conns,
+            "duration_s": duration,
+            "tenant_sizes": {"biggest": big, "rows": sizes[big], "tenants": len(sizes)},
+            "results": {label: r.as_dict() for label, r in results.items()},
+            "ratios": ratios,
+            "explain": plans,
+            "memory_per_worker": {str(pid): mem for pid, mem in workers.items()},
+        },
+    )
+    out(f"\nresults written to {path.relative_to(BENCH.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
