@@ -128,6 +128,9 @@ def error_response(error: AppError) -> Response:
 # SQLSTATEs that mean "the database could not do it now", not "the request is wrong".
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
+# SQLite primary result codes for a database file that cannot be opened or used right now:
+# SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN (an outage of the embedded database, not a bug).
+_SQLITE_FILE_UNUSABLE = frozenset({10, 13, 14})
 
 
 def database_error(exc: DBAPIError | PoolTimeout) -> AppError | None:
@@ -143,6 +146,8 @@ def database_error(exc: DBAPIError | PoolTimeout) -> AppError | None:
     if isinstance(exc, OperationalError) and ("locked" in message or "busy" in message):
         return Unavailable("database busy, retry later", headers={"Retry-After": "1"})
     if exc.connection_invalidated or _is_connection_error(exc.orig):
+        return Unavailable("database unavailable", headers={"Retry-After": "1"})
+    if ((getattr(exc.orig, "sqlite_errorcode", 0) or 0) & 0xFF) in _SQLITE_FILE_UNUSABLE:
         return Unavailable("database unavailable", headers={"Retry-After": "1"})
     return None
 
@@ -241,7 +246,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(AppError("internal error"))
+        # Starlette sends this response outside the middleware that adds X-Request-ID.
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        headers = {"X-Request-ID": request_id} if isinstance(request_id, str) else None
+        return error_response(AppError("internal error", headers=headers))
 
 
 def _database_failure(_request: Request, exc: DBAPIError | PoolTimeout) -> Response:
