@@ -1,4 +1,4 @@
-"""orders-api serve | migrate | purge (and relay, see outbox.relay)."""
+"""orders-api serve | migrate | purge | relay | outbox requeue."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply database migrations")
     commands.add_parser("purge", help="delete expired idempotency keys once")
 
+    relay = commands.add_parser("relay", help="publish outbox rows to NATS JetStream (or stdout)")
+    relay.add_argument("--once", action="store_true", help="drain what is due, then exit")
+    outbox = commands.add_parser("outbox", help="outbox maintenance")
+    outbox_commands = outbox.add_subparsers(dest="outbox_command", required=True)
+    requeue = outbox_commands.add_parser("requeue", help="make dead outbox rows pending again")
+    requeue.add_argument(
+        "--id", dest="ids", type=uuid.UUID, action="append", help="only this row (repeatable)"
+    )
+
     args = parser.parse_args(argv)
     settings = Settings()
     from orders_api.observability import configure_logging
@@ -40,6 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "purge":
         return asyncio.run(purge(settings))
+    if args.command == "relay":
+        from orders_api.outbox.relay import run_relay
+
+        return run_relay(settings, once=args.once)
+    if args.command == "outbox":
+        from orders_api.outbox.relay import requeue as requeue_dead
+
+        return requeue_dead(settings, args.ids)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     relay_publish_timeout_ms: int = Field(default=5000, ge=100)
     relay_retention_hours: float = Field(default=168.0, gt=0)
     relay_metrics_port: int = Field(default=0, ge=0, le=65535)
+    relay_metrics_host: str = "0.0.0.0"
+    relay_stream_subjects: str = Field(default="", description="comma-separated; '' = <prefix>.>")
+    relay_duplicate_window_seconds: float = Field(default=120.0, gt=0)
+    relay_lease_seconds: float = Field(default=30.0, gt=0)
+    relay_reconnect_wait_ms: int = Field(default=1000, ge=10)
+    relay_retention_interval_seconds: float = Field(default=300.0, gt=0)
 
     @field_validator("database_url", mode="after")
     @classmethod

@@ -7,11 +7,12 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, literal, select, tuple_, update
+from sqlalchemy import Row, insert, literal, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orders_api.db import UtcDateTime, idempotency_keys, orders, outbox
+from orders_api.outbox import NOTIFY_CHANNEL
 
 ORDER_COLUMNS = (
     orders.c.id,
@@ -170,6 +171,9 @@ async def insert_outbox_event(
             attempts=0,
         )
     )
+    if conn.dialect.name == "postgresql":
+        # Delivered to the relay's LISTEN when (and only if) this transaction commits.
+        await conn.execute(text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', '')"))
     return event_id
 
 
