@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from fastapi import FastAPI, Request
@@ -28,6 +28,9 @@ from orders_api.observability import (
 from orders_api.orders.router import router as orders_router
 from orders_api.tenancy import JwtVerifier
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 log = structlog.get_logger("orders_api.app")
 
 Clock = Callable[[], datetime]
@@ -37,7 +40,11 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def create_app(settings: Settings | None = None, clock: Clock = utc_now) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    clock: Clock = utc_now,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
 
@@ -49,7 +56,9 @@ def create_app(settings: Settings | None = None, clock: Clock = utc_now) -> Fast
         state.engine = engine
         state.reader = engine.execution_options(readonly=True)
         state.cursor_secret = settings.cursor_secret.encode() or None
-        setup_tracing(app, engine, settings.otel_exporter, settings.otel_service_name)
+        setup_tracing(
+            app, engine, settings.otel_exporter, settings.otel_service_name, tracer_provider
+        )
         purge = asyncio.create_task(_purge_keys_forever(state, settings))
         try:
             yield

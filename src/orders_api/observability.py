@@ -8,7 +8,7 @@ import re
 import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import (
@@ -23,6 +23,9 @@ from prometheus_client import (
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 from orders_api.errors import PayloadTooLarge, error_response
 
@@ -182,13 +185,20 @@ async def metrics_endpoint(_request: Request) -> Response:
     return Response(payload, media_type=CONTENT_TYPE_LATEST)
 
 
-def setup_tracing(app: Any, engine: Any, exporter: str, service_name: str) -> None:
+def setup_tracing(
+    app: Any,
+    engine: Any,
+    exporter: str,
+    service_name: str,
+    provider: TracerProvider | None = None,
+) -> None:
     """A span around each handler (FastAPI) and each SQL statement (SQLAlchemy).
 
     Off by default: with OTEL_EXPORTER=none no instrumentation is installed at all, so the
     hot path pays nothing; console or otlp (standard OTEL_EXPORTER_OTLP_* variables) turn it on.
+    A provider passed in (a test's in-memory exporter) is used as it is and not made global.
     """
-    if exporter == "none":
+    if exporter == "none" and provider is None:
         return
     from opentelemetry import trace
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -201,15 +211,19 @@ def setup_tracing(app: Any, engine: Any, exporter: str, service_name: str) -> No
         SpanExporter,
     )
 
-    span_exporter: SpanExporter
-    if exporter == "console":
-        span_exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    if provider is None:
+        span_exporter: SpanExporter
+        if exporter == "console":
+            span_exporter = ConsoleSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        span_exporter = OTLPSpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    provider.add_span_processor(BatchSpanProcessor(span_exporter))
-    trace.set_tracer_provider(provider)
+            span_exporter = OTLPSpanExporter()
+        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        trace.set_tracer_provider(provider)
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+    # The server sent the lifespan startup through the app, so its middleware stack is already
+    # built without the tracing middleware: drop it and the next request builds it anew.
+    app.middleware_stack = None
     SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, tracer_provider=provider)
