@@ -12,7 +12,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import event, text
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from orders_api import idempotency
 from orders_api.config import Settings
@@ -86,9 +86,46 @@ def create_app(
     app.add_api_route(
         "/readyz", readyz, methods=["GET"], tags=["ops"], responses={503: {"model": ErrorBody}}
     )
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["ops"])
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_api_route(
+        "/metrics",
+        metrics_endpoint,
+        methods=["GET"],
+        tags=["ops"],
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text exposition format"}},
+    )
+    _document_parameters_as_strings(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_bytes=settings.max_header_bytes,
+    )
     return app
+
+
+def _document_parameters_as_strings(app: FastAPI) -> None:
+    """An optional header or query parameter is absent or a string, never JSON null: drop the
+    `anyOf [..., null]` that `str | None` produces, so clients and fuzzers never send "null"."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    for parameter in operation.get("parameters", []):
+                        _drop_null_branch(parameter["schema"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _drop_null_branch(schema: dict[str, Any]) -> None:
+    branches = [branch for branch in schema.get("anyOf", []) if branch != {"type": "null"}]
+    if "anyOf" in schema and len(branches) == 1:
+        del schema["anyOf"]
+        schema.update(branches[0])
 
 
 def create_app_from_env() -> FastAPI:

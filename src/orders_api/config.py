@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     jwt_leeway_seconds: int = Field(default=0, ge=0)
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     log_level: str = "INFO"
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_service_name: str = "orders-api"

@@ -23,7 +23,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +34,8 @@ log = structlog.get_logger("orders_api.errors")
 
 class ErrorBody(BaseModel):
     """The body of every non-2xx response."""
+
+    model_config = ConfigDict(extra="forbid")  # documented as closed: nothing else is ever sent
 
     code: str
     message: str

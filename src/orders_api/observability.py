@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
-from orders_api.errors import PayloadTooLarge, error_response
+from orders_api.errors import PayloadTooLarge, ValidationFailed, error_response
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -89,15 +89,18 @@ def configure_logging(level: str) -> None:
 
 
 class RequestContextMiddleware:
-    """Request id (taken from X-Request-ID or made), access log, metrics, body-size limit.
+    """Request id (taken from X-Request-ID or made), access log, metrics, size limits.
 
     The body limit answers 413 from Content-Length before anything is read; a chunked body
-    is counted as it streams and fails with 413 the moment it passes the limit.
+    is counted as it streams and fails with 413 the moment it passes the limit. uvicorn's
+    httptools parser sets no bound on header size, so headers larger than max_header_bytes
+    in total are refused here with 400 before any route runs.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_header_bytes: int = 16384) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,6 +122,14 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if header_bytes > self.max_header_bytes:
+                too_large = ValidationFailed(
+                    f"request headers are larger than {self.max_header_bytes} bytes",
+                    {"reason": "headers_too_large"},
+                )
+                await error_response(too_large)(scope, receive, send_with_id)
+                return
             declared = _content_length(scope)
             if declared is not None and declared > self.max_body_bytes:
                 await error_response(_too_large(self.max_body_bytes))(scope, receive, send_with_id)

@@ -82,7 +82,12 @@ class JwtVerifier:
 async def current_tenant(
     request: Request,
     x_tenant_id: Annotated[
-        str | None, Header(description="Tenant id (header auth mode)", include_in_schema=True)
+        str | None,
+        Header(
+            alias="X-Tenant-Id",
+            description="Tenant id (header auth mode; anything else is a 401)",
+            json_schema_extra={"pattern": f"^{TENANT_PATTERN.pattern}$"},
+        ),
     ] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> str:

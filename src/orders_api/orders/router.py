@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from orders_api import idempotency
 from orders_api.errors import (
+    Conflict,
     ErrorBody,
     NotFound,
     PreconditionRequired,
@@ -20,6 +21,7 @@ from orders_api.errors import (
     ValidationFailed,
     validation_failed,
 )
+from orders_api.observability import IDEMPOTENCY
 from orders_api.orders import service
 from orders_api.orders.schemas import (
     ClosedOrder,
@@ -36,8 +38,16 @@ from orders_api.tenancy import TenantDep
 router = APIRouter(prefix="/orders", tags=["orders"])
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-_ETAG = re.compile(r'(?:W/)?"(\d{1,10})"|(\d{1,10})')
+_ETAG = re.compile(r'(?:W/)?"([1-9]\d{0,9})"|([1-9]\d{0,9})')
 MAX_VERSION = 2_147_483_647
+# The same grammar for the OpenAPI document: a version is 1..2147483647 without leading zeros.
+_VERSION_PATTERN = (
+    r"(?:[1-9][0-9]{0,8}|1[0-9]{9}|20[0-9]{8}|21[0-3][0-9]{7}|214[0-6][0-9]{6}"
+    r"|2147[0-3][0-9]{5}|21474[0-7][0-9]{4}|214748[0-2][0-9]{3}|2147483[0-5][0-9]{2}"
+    r"|21474836[0-3][0-9]|214748364[0-7])"
+)
+_TAG_PATTERN = rf'(?:(?:W/)?"{_VERSION_PATTERN}"|{_VERSION_PATTERN})'
+IF_MATCH_PATTERN = rf"^[ \t]*(?:\*|{_TAG_PATTERN}(?:[ \t]*,[ \t]*{_TAG_PATTERN})*)[ \t]*$"
 
 
 def parse_if_match(value: str) -> frozenset[int] | None:
@@ -46,12 +56,12 @@ def parse_if_match(value: str) -> frozenset[int] | None:
     Weak and bare tags are accepted although RFC 9110 asks for strong comparison, because
     proxies weaken ETags; anything else is a 400.
     """
-    value = value.strip()
+    value = value.strip(" \t")
     if value == "*":
         return None
     versions: set[int] = set()
     for part in value.split(","):
-        match = _ETAG.fullmatch(part.strip())
+        match = _ETAG.fullmatch(part.strip(" \t"))
         if match is None:
             raise ValidationFailed('If-Match must be *, a version or a list of ETags like "3"')
         version = int(match.group(1) or match.group(2))
@@ -124,19 +134,85 @@ IdempotencyKey = Annotated[
         description="1-255 visible ASCII characters, taken verbatim",
     ),
 ]
+_IF_MATCH_DOC = '`"3"`, `3`, `W/"3"`, a list, or `*`'
 IfMatch = Annotated[
     str | None,
-    Header(alias="If-Match", max_length=1024, description='`"3"`, `3`, `W/"3"`, a list, or `*`'),
+    Header(
+        alias="If-Match",
+        max_length=1024,
+        description=_IF_MATCH_DOC,
+        json_schema_extra={"pattern": IF_MATCH_PATTERN},
+    ),
 ]
+# confirm answers 428 without If-Match, after the body checks: so the router checks presence
+# itself and the document declares the header required.
+RequiredIfMatch = Annotated[
+    str | None, Header(alias="If-Match", max_length=1024, include_in_schema=False)
+]
+_REQUIRED_IF_MATCH_DOC = {
+    "name": "If-Match",
+    "in": "header",
+    "required": True,
+    "description": _IF_MATCH_DOC + "; without it: 428",
+    "schema": {"type": "string", "maxLength": 1024, "pattern": IF_MATCH_PATTERN},
+}
 OrderId = Annotated[str, "order id (UUID)"]
+CURSOR_PATTERN = "^[A-Za-z0-9_-]{54}$"  # base64url of 40 bytes, unpadded
+
+# OpenAPI links, so that clients (and schemathesis' stateful phase) can follow one order
+# through its life: the same tenant, the id from the body and the version from the ETag.
+_SAME_TENANT = {"header.X-Tenant-Id": "$request.header.X-Tenant-Id"}
+_ORDER_LINKS: dict[str, Any] = {
+    "GetOrder": {
+        "operationId": "getOrder",
+        "parameters": {"path.order_id": "$response.body#/id", **_SAME_TENANT},
+    },
+}
+_CREATED_LINKS: dict[str, Any] = {
+    **_ORDER_LINKS,
+    "ConfirmOrder": {
+        "operationId": "confirmOrder",
+        "parameters": {
+            "path.order_id": "$response.body#/id",
+            "header.If-Match": "$response.header.ETag",
+            **_SAME_TENANT,
+        },
+    },
+}
+_CONFIRMED_LINKS: dict[str, Any] = {
+    **_ORDER_LINKS,
+    "CloseOrder": {
+        "operationId": "closeOrder",
+        "parameters": {
+            "path.order_id": "$response.body#/id",
+            "header.If-Match": "$response.header.ETag",
+            **_SAME_TENANT,
+        },
+    },
+}
+_PAGE_LINKS: dict[str, Any] = {
+    "NextPage": {
+        "operationId": "listOrders",
+        "parameters": {
+            "query.cursor": "$response.body#/nextCursor",
+            **_SAME_TENANT,
+        },
+    },
+}
 
 
 @router.post(
     "",
     status_code=201,
     response_model=CreatedOrder,
+    operation_id="createOrder",
     responses={
-        200: {"model": CreatedOrder, "description": "Replay of the original response"},
+        201: {"links": _CREATED_LINKS},
+        200: {
+            "model": CreatedOrder,
+            "description": "Replay of the original response",
+            "links": _CREATED_LINKS,
+        },
         **_errors(400, 409, 413, 415),
     },
     openapi_extra=_json_body(EmptyRequest, required=False),
@@ -151,9 +227,16 @@ async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey)
         EmptyRequest.model_validate(data)
     except ValidationError as exc:
         if await service.key_in_use(state.reader, tenant, key, request_hash, now, window):
+            IDEMPOTENCY.labels("conflict").inc()
             raise service.key_reused() from None
         raise validation_failed(exc.errors(include_input=False), "invalid request body") from None
-    result = await service.create_order(state.engine, tenant, key, request_hash, now, window)
+    try:
+        result = await service.create_order(state.engine, tenant, key, request_hash, now, window)
+    except Conflict as exc:
+        if (exc.details or {}).get("reason") == "idempotency_key_reused":
+            IDEMPOTENCY.labels("conflict").inc()
+        raise
+    IDEMPOTENCY.labels("replayed" if result.replayed else "created").inc()
     headers = {"Location": f"/orders/{result.body['id']}", "ETag": f'"{result.body["version"]}"'}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -163,11 +246,15 @@ async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey)
 @router.patch(
     "/{order_id}/confirm",
     response_model=ConfirmedOrder,
-    responses=_errors(400, 404, 409, 413, 415, 428),
-    openapi_extra=_json_body(ConfirmOrderRequest, required=True),
+    operation_id="confirmOrder",
+    responses={200: {"links": _CONFIRMED_LINKS}, **_errors(400, 404, 409, 413, 415, 428)},
+    openapi_extra={
+        **_json_body(ConfirmOrderRequest, required=True),
+        "parameters": [_REQUIRED_IF_MATCH_DOC],
+    },
 )
 async def confirm_order(
-    request: Request, tenant: TenantDep, order_id: OrderId, if_match: IfMatch = None
+    request: Request, tenant: TenantDep, order_id: OrderId, if_match: RequiredIfMatch = None
 ) -> Response:
     expected = parse_if_match(if_match) if if_match is not None else None
     body = validate_body(ConfirmOrderRequest, await read_json(request))
@@ -183,7 +270,8 @@ async def confirm_order(
 @router.post(
     "/{order_id}/close",
     response_model=ClosedOrder,
-    responses=_errors(400, 404, 409, 413, 415),
+    operation_id="closeOrder",
+    responses={200: {"links": _ORDER_LINKS}, **_errors(400, 404, 409, 413, 415)},
     openapi_extra=_json_body(EmptyRequest, required=False),
 )
 async def close_order(
@@ -198,18 +286,30 @@ async def close_order(
     return json_response(result, ETag=f'"{result["version"]}"')
 
 
-@router.get("/{order_id}", response_model=Order, responses=_errors(404))
+@router.get("/{order_id}", response_model=Order, operation_id="getOrder", responses=_errors(404))
 async def get_order(request: Request, tenant: TenantDep, order_id: OrderId) -> Response:
     result = await service.get_order(request.app.state.reader, tenant, parse_order_id(order_id))
     return json_response(result, ETag=f'"{result["version"]}"')
 
 
-@router.get("", response_model=OrderPage, responses=_errors(400))
+@router.get(
+    "",
+    response_model=OrderPage,
+    operation_id="listOrders",
+    responses={200: {"links": _PAGE_LINKS}, **_errors(400)},
+)
 async def list_orders(
     request: Request,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    cursor: Annotated[str | None, Query(max_length=256)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=256,
+            description="opaque: the nextCursor of the previous page",
+            json_schema_extra={"pattern": CURSOR_PATTERN},
+        ),
+    ] = None,
 ) -> Response:
     state = request.app.state
     secret = await cursor_secret(state)

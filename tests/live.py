@@ -1,0 +1,208 @@
+"""Real `orders-api serve` processes and scratch databases (fuzz, hardening, fault tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from tests.helpers import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+ORDERS_API = str(BIN / "orders-api")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveServer:
+    """One `orders-api serve` process group; its stderr goes to a file the test can show."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def worker_pids(self) -> list[int]:
+        """The uvicorn workers: children of the serve process running multiprocessing.spawn."""
+        return [
+            pid
+            for pid in children_of(self.process.pid)
+            if b"multiprocessing.spawn" in _cmdline(pid)
+            and b"resource_tracker" not in _cmdline(pid)
+        ]
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (graceful), then SIGKILL of the whole group if it does not end in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def children_of(pid: int) -> list[int]:
+    children: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return sorted(children)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def start_server(
+    database_url: str,
+    log_dir: Path,
+    *,
+    workers: int = 2,
+    timeout: float = 60,
+    **env: str,
+) -> LiveServer:
+    """`orders-api serve --workers N` on a free port, as the README runs it; waits for health."""
+    port = free_port()
+    metrics_dir = log_dir / f"metrics-{port}"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"server-{port}.log"
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "LOG_LEVEL": "WARNING",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        **env,
+    }
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [ORDERS_API, "serve", "--port", str(port), "--workers", str(workers)],
+            env=environment,
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = LiveServer(process, port, log_path)
+    try:
+        wait_until_healthy(server, timeout)
+    except BaseException:
+        server.stop(timeout=5)
+        raise
+    return server
+
+
+def wait_until_healthy(server: LiveServer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.base_url, timeout=1) as http:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{server.log_tail()}")
+            try:
+                if http.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{server.log_tail()}")
+
+
+@contextmanager
+def running_server(database_url: str, log_dir: Path, **kwargs: str | int) -> Iterator[LiveServer]:
+    server = start_server(database_url, log_dir, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def migrate(database_url: str) -> None:
+    subprocess.run(
+        [ORDERS_API, "migrate"],
+        env={**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"},
+        cwd=PROJECT_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def _plain(url: str, database: str | None = None) -> str:
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(_plain(server_url))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def scratch_postgres_database(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database on the PostgreSQL server `server_url`; dropped afterwards."""
+    name = f"orders_hard_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    url = _plain(server_url, name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextmanager
+def scratch_database(backend: str, tmp_dir: Path) -> Iterator[str]:
+    """A migrated database of the backend: a SQLite file in tmp_dir or a PostgreSQL database."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_dir / 'orders.db'}"
+        migrate(url)
+        yield url
+        return
+    server_url = os.environ.get("TEST_DATABASE_URL", "")
+    if not server_url:
+        raise RuntimeError("the postgresql backend needs TEST_DATABASE_URL")
+    with scratch_postgres_database(server_url) as url:
+        yield url
