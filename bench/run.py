@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.ceiling import create_script, list_script
 from bench.harness import (
     BENCH,
     RESULTS,
@@ -170,8 +171,8 @@ def ceiling_rounds(bench: Bench, rounds: int) -> dict[str, Any]:
     """Alternate API and pgbench runs for create and list; medians of the per-round ratios."""
     by_name = {s.name: s for s in bench.scenarios()}
     pairs = {
-        "create": (by_name["create"], BENCH / "sql" / "create.sql", {}),
-        "list": (by_name["list_first"], BENCH / "sql" / "list.sql", {"tenant": LIST_TENANT}),
+        "create": (by_name["create"], *create_script(RESULTS)),
+        "list": (by_name["list_first"], *list_script(RESULTS, LIST_TENANT, 10)),
     }
     report: dict[str, Any] = {}
     for name in pairs:

@@ -28,6 +28,7 @@ from bench.harness import (
     write_results,
 )
 from bench.run import deep_cursor, insert_orders
+from orders_api.orders import pg
 
 TOTAL_ORDERS = 1_000_000
 TENANTS = 100
@@ -47,16 +48,6 @@ FROM (
          LATERAL generate_series(1, t.n) AS g
 ) AS generated
 ORDER BY ts
-"""
-
-# The statement the API issues for a page (bench/sql/list.sql), with literals for EXPLAIN.
-LIST_PAGE = """
-SELECT orders.id, orders.tenant_id, orders.status, orders.version, orders.total_cents,
-       orders.created_at, orders.updated_at
-FROM orders
-WHERE orders.tenant_id = $1 {after}
-ORDER BY orders.created_at DESC, orders.id DESC
-LIMIT 11
 """
 
 
@@ -80,11 +71,11 @@ async def bulk_load(url: str, sizes: dict[str, int]) -> float:
 
 
 async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the list statement for the first page or `depth` rows in."""
+    """EXPLAIN (ANALYZE, BUFFERS) of the API's list statement (orders_api.orders.pg), for the
+    first page or the page `depth` rows in."""
     conn = await asyncpg.connect(url)
     try:
-        after = ""
-        params: list[Any] = [tenant]
+        sql, params = pg.LIST_FIRST_PAGE, [tenant, 11]
         if depth:
             row = await conn.fetchrow(
                 "SELECT created_at, id FROM orders WHERE tenant_id = $1"
@@ -93,9 +84,7 @@ async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
                 depth - 1,
             )
             assert row is not None
-            after = "AND (orders.created_at, orders.id) < ($2, $3)"
-            params += [row["created_at"], row["id"]]
-        sql = LIST_PAGE.format(after=after)
+            sql, params = pg.LIST_AFTER_CURSOR, [tenant, 11, row["created_at"], row["id"]]
         # A generic plan is what a prepared statement runs after its first executions.
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)

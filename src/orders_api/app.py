@@ -25,7 +25,9 @@ from orders_api.observability import (
     metrics_endpoint,
     setup_tracing,
 )
+from orders_api.orders import pg as orders_pg
 from orders_api.orders.router import router as orders_router
+from orders_api.orders.service import Backend
 from orders_api.tenancy import JwtVerifier
 
 if TYPE_CHECKING:
@@ -55,10 +57,14 @@ def create_app(
         state = app.state
         state.engine = engine
         state.reader = engine.execution_options(readonly=True)
+        pg = None if settings.is_sqlite else await orders_pg.connect(settings)
+        state.backend = Backend(engine, state.reader, pg)
         state.cursor_secret = settings.cursor_secret.encode() or None
         setup_tracing(
             app, engine, settings.otel_exporter, settings.otel_service_name, tracer_provider
         )
+        if pg is not None and (tracer_provider is not None or settings.otel_exporter != "none"):
+            pg.trace_with(tracer_provider)
         purge = asyncio.create_task(_purge_keys_forever(state, settings))
         try:
             yield
@@ -66,6 +72,8 @@ def create_app(
             purge.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await purge
+            if pg is not None:
+                await pg.pool.close()
             await engine.dispose()
 
     app = FastAPIOffline(

@@ -170,16 +170,32 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         max_overflow=overrides.pop("max_overflow", 0),
         pool_pre_ping=False,
         connect_args={
-            "server_settings": {
-                "statement_timeout": str(settings.db_statement_timeout_ms),
-                "lock_timeout": str(settings.db_lock_timeout_ms),
-                "idle_in_transaction_session_timeout": "60000",
-                "application_name": "orders-api",
-            },
-            "command_timeout": settings.db_statement_timeout_ms / 1000 + 5,
+            "server_settings": pg_server_settings(settings),
+            "command_timeout": pg_command_timeout(settings),
         },
         **overrides,
     )
+
+
+def pg_server_settings(settings: Settings) -> dict[str, str]:
+    """Session settings of every PostgreSQL connection (SQLAlchemy's and the asyncpg pool's)."""
+    return {
+        "statement_timeout": str(settings.db_statement_timeout_ms),
+        "lock_timeout": str(settings.db_lock_timeout_ms),
+        "idle_in_transaction_session_timeout": "60000",
+        "application_name": "orders-api",
+    }
+
+
+def pg_command_timeout(settings: Settings) -> float:
+    """The client-side bound: the server's statement_timeout answers first."""
+    return settings.db_statement_timeout_ms / 1000 + 5
+
+
+def pg_dsn(settings: Settings) -> str:
+    """DATABASE_URL as plain libpq/asyncpg understands it (no SQLAlchemy driver suffix)."""
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:

@@ -105,10 +105,9 @@ def parse_order_id(value: str) -> uuid.UUID:
         raise NotFound("order not found") from None
 
 
-def json_response(body: dict[str, Any], status_code: int = 200, **headers: str) -> Response:
-    return Response(
-        orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json"
-    )
+def encoded_response(body: bytes, status_code: int = 200, **headers: str) -> Response:
+    """The body arrives encoded (by the database or once by the service)."""
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -226,21 +225,21 @@ async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey)
     try:
         EmptyRequest.model_validate(data)
     except ValidationError as exc:
-        if await service.key_in_use(state.reader, tenant, key, request_hash, now, window):
+        if await service.key_in_use(state.backend, tenant, key, request_hash, now, window):
             IDEMPOTENCY.labels("conflict").inc()
             raise service.key_reused() from None
         raise validation_failed(exc.errors(include_input=False), "invalid request body") from None
     try:
-        result = await service.create_order(state.engine, tenant, key, request_hash, now, window)
+        result = await service.create_order(state.backend, tenant, key, request_hash, now, window)
     except Conflict as exc:
         if (exc.details or {}).get("reason") == "idempotency_key_reused":
             IDEMPOTENCY.labels("conflict").inc()
         raise
     IDEMPOTENCY.labels("replayed" if result.replayed else "created").inc()
-    headers = {"Location": f"/orders/{result.body['id']}", "ETag": f'"{result.body["version"]}"'}
+    headers = {"Location": f"/orders/{result.order_id}", "ETag": '"1"'}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(result.body, 200 if result.replayed else 201, **headers)
+    return encoded_response(result.body, 200 if result.replayed else 201, **headers)
 
 
 @router.patch(
@@ -262,9 +261,9 @@ async def confirm_order(
         raise PreconditionRequired("If-Match is required: send the ETag you read")
     state = request.app.state
     result = await service.confirm_order(
-        state.engine, tenant, parse_order_id(order_id), expected, body.totalCents, state.clock()
+        state.backend, tenant, parse_order_id(order_id), expected, body.totalCents, state.clock()
     )
-    return json_response(result, ETag=f'"{result["version"]}"')
+    return encoded_response(result.body, ETag=f'"{result.version}"')
 
 
 @router.post(
@@ -281,15 +280,15 @@ async def close_order(
     validate_body(EmptyRequest, await read_json(request))
     state = request.app.state
     result = await service.close_order(
-        state.engine, tenant, parse_order_id(order_id), expected, state.clock()
+        state.backend, tenant, parse_order_id(order_id), expected, state.clock()
     )
-    return json_response(result, ETag=f'"{result["version"]}"')
+    return encoded_response(result.body, ETag=f'"{result.version}"')
 
 
 @router.get("/{order_id}", response_model=Order, operation_id="getOrder", responses=_errors(404))
 async def get_order(request: Request, tenant: TenantDep, order_id: OrderId) -> Response:
-    result = await service.get_order(request.app.state.reader, tenant, parse_order_id(order_id))
-    return json_response(result, ETag=f'"{result["version"]}"')
+    result = await service.get_order(request.app.state.backend, tenant, parse_order_id(order_id))
+    return encoded_response(result.body, ETag=f'"{result.version}"')
 
 
 @router.get(
@@ -319,4 +318,4 @@ async def list_orders(
             after = decode_cursor(secret, tenant, cursor)
         except InvalidCursor as exc:
             raise ValidationFailed(str(exc)) from None
-    return json_response(await service.list_orders(state.reader, tenant, limit, after, secret))
+    return encoded_response(await service.list_orders(state.backend, tenant, limit, after, secret))
