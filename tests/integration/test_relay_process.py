@@ -9,7 +9,7 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,6 +17,7 @@ import nats
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders_api.db import create_engine
@@ -78,6 +79,32 @@ async def start_relay(env: dict[str, str], log: Path) -> asyncio.subprocess.Proc
         return await asyncio.create_subprocess_exec(
             str(ORDERS_API), "relay", env=env, stdout=sink, stderr=sink
         )
+
+
+def log_says(log: Path, event: str) -> Callable[[], Awaitable[bool]]:
+    def read() -> bool:
+        return log.exists() and event in log.read_text()
+
+    async def check() -> bool:
+        return await asyncio.to_thread(read)
+
+    return check
+
+
+async def settled(engine: AsyncEngine) -> None:
+    """After SIGSTOP: let the database finish what the frozen relay had already sent."""
+    await asyncio.sleep(0.05)
+    if engine.dialect.name != "postgresql":
+        return  # SQLite commits inside the (frozen) process: nothing is in flight
+    busy = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state = 'active' AND pid <> pg_backend_pid()"
+    )
+    for _ in range(100):
+        async with engine.connect() as conn:
+            if not (await conn.execute(busy)).scalar_one():
+                return
+        await asyncio.sleep(0.01)
 
 
 async def stream_count(nats_url: str) -> int:
@@ -155,11 +182,17 @@ async def test_relay_killed_mid_batch_then_restarted_loses_nothing(
         # Freeze the relay at whatever it is doing; kill it only when frozen mid-batch: rows are
         # claimed and not marked, and the broker already holds some of them (acked, not marked).
         # A frozen process may have statements on the wire: let the servers finish them first.
+        await wait_until(
+            log_says(tmp_path / "first.log", "broker connected"),
+            within=90,
+            what="the relay to start",
+            every=0.05,
+        )
         deadline = time.monotonic() + 30
         while True:
             await asyncio.sleep(0.02)
             os.kill(first.pid, signal.SIGSTOP)
-            await asyncio.sleep(0.05)
+            await settled(db)
             leased = await count_leased_unpublished(db)
             published = await count_published(db)
             stored = await stream_count(broker.url) if published else 0

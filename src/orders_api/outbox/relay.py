@@ -219,7 +219,12 @@ class Relay:
             self._wake.clear()
             if not self._publisher.connected:
                 raise BrokerUnavailable("not connected to the broker")
-            await self._publisher.prepare()
+            try:
+                await self._publisher.prepare()
+            except Exception as exc:
+                if is_transient(exc):  # e.g. JetStream briefly without a leader
+                    raise BrokerUnavailable(_describe(exc)) from exc
+                raise
             result = await self.process_batch()
             delivered += result.published
             if result.unavailable:
