@@ -7,6 +7,7 @@ import json
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import auth
-from tests.live import LiveServer, migrate, running_server, start_server
+from tests.live import BIN, LiveServer, migrate, running_server, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -211,3 +212,16 @@ def test_sigterm_lets_an_in_flight_request_finish(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "orders.db") as conn:
         rows = conn.execute("SELECT id FROM orders WHERE tenant_id = 't-drain'").fetchall()
     assert [str(row[0]).replace("-", "") for row in rows] == [str(created["id"]).replace("-", "")]
+
+
+def test_the_image_healthcheck_command_passes_against_a_live_server(server: LiveServer) -> None:
+    from tests.hardening.test_deployment import healthcheck_command
+
+    command = healthcheck_command()
+    run = subprocess.run(
+        [str(BIN / "python"), *command[1:]],
+        env={"PORT": str(server.port)},
+        capture_output=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
