@@ -146,6 +146,7 @@ class JetStreamPublisher:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._stream_ready = False
+        self._closing = False
         self._last_error: tuple[str, float] = ("", 0.0)
 
     @property
@@ -219,6 +220,7 @@ class JetStreamPublisher:
         return bool(ack.duplicate)
 
     async def close(self) -> None:
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
 
@@ -232,7 +234,10 @@ class JetStreamPublisher:
             log.warning("broker error", error=message)
 
     async def _on_disconnected(self) -> None:
-        log.warning("broker disconnected")
+        if self._closing:
+            log.info("broker connection closed")
+        else:
+            log.warning("broker disconnected")
 
     async def _on_reconnected(self) -> None:
         self._stream_ready = False
