@@ -56,6 +56,7 @@ from orders_api.outbox.publishers import JetStreamPublisher
 from orders_api.outbox.relay import Relay
 
 DATABASE = "orders_bench_relay"
+IN_FLIGHT = 16
 STREAM = "ORDERS_BENCH"
 
 SEED_OUTBOX = """
@@ -249,24 +250,27 @@ async def latency(
     tenant = f"bench-latency-{mode}-{rate}"
     count = int(rate * seconds)
     conn = await asyncpg.connect(url)
-    pool = await asyncpg.create_pool(url, min_size=8, max_size=8)
+    pool = await asyncpg.create_pool(url, min_size=IN_FLIGHT, max_size=IN_FLIGHT)
     try:
         ids = [r["id"] for r in await conn.fetch(SEED_CONFIRMED, tenant, count)]
         closed: dict[str, float] = {}
         errors = 0
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
         all_received = asyncio.Event()
         async with (
             subscriber(nats_url, len(ids), all_received) as received,
             httpx.AsyncClient(base_url=base_url or "", limits=limits, timeout=60) as client,
         ):
+            # At most IN_FLIGHT closes at once: a backlog in the client is not the relay's.
+            in_flight = asyncio.Semaphore(IN_FLIGHT)
 
             async def close_over_http(order_id: uuid.UUID) -> None:
                 nonlocal errors
-                sent = time.perf_counter()
-                response = await client.post(
-                    f"/orders/{order_id}/close", headers={"X-Tenant-Id": tenant}
-                )
+                async with in_flight:
+                    sent = time.perf_counter()
+                    response = await client.post(
+                        f"/orders/{order_id}/close", headers={"X-Tenant-Id": tenant}
+                    )
                 if response.status_code != 200:
                     errors += 1
                     return
@@ -274,15 +278,17 @@ async def latency(
 
             async def close_in_sql(order_id: uuid.UUID) -> None:
                 nonlocal errors
-                now = datetime.now(UTC)
-                closed_at = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-                version = await pool.fetchval(
-                    CLOSE, order_id, tenant, None, now, uuid.uuid4(), closed_at
-                )
+                async with in_flight:
+                    now = datetime.now(UTC)
+                    closed_at = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                    version = await pool.fetchval(
+                        CLOSE, order_id, tenant, None, now, uuid.uuid4(), closed_at
+                    )
+                    committed = time.perf_counter()
                 if version is None:
                     errors += 1
                     return
-                closed[str(order_id)] = time.perf_counter()
+                closed[str(order_id)] = committed
 
             close = close_over_http if base_url else close_in_sql
             started = time.perf_counter()
