@@ -165,7 +165,7 @@ class Relay:
                 BROKER_CONNECTED.set(1 if self._publisher.connected else 0)
                 try:
                     await self.drain()
-                except (BrokerUnavailable, SQLAlchemyError, OSError) as exc:
+                except (BrokerUnavailable, SQLAlchemyError, OSError, TimeoutError) as exc:
                     outages += 1
                     delay = backoff_delay(outages, self._base_s, self._max_s, self._rand)
                     log.warning(
@@ -358,7 +358,7 @@ class Relay:
         """Housekeeping must not stop delivery: a failure is logged and tried again later."""
         try:
             await work
-        except (SQLAlchemyError, OSError) as exc:
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("housekeeping failed", error=_describe(exc))
 
     async def _wait_for_work(self) -> None:
