@@ -388,7 +388,13 @@ async def test_relay_started_before_the_broker_waits_then_delivers(
     relay = Relay(db, JetStreamPublisher(settings), settings)
     try:
         async with running(relay):
-            await asyncio.sleep(0.5)
+            # While it waits, the gauges still tell how far behind delivery is.
+            async def gauges_refreshed() -> bool:
+                return metric("orders_api_relay_pending_rows") == 10
+
+            await wait_until(gauges_refreshed, within=10, what="the pending gauge")
+            assert metric("orders_api_relay_oldest_pending_age_seconds") > 0.3
+            assert metric("orders_api_relay_broker_connected") == 0
             assert await count_published(db) == 0
             await asyncio.to_thread(server.start)
 

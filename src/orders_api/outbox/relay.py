@@ -134,10 +134,6 @@ class Relay:
             )
 
     @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    @property
     def listening(self) -> bool:
         """True while the PostgreSQL LISTEN connection is up (new rows wake the relay at once)."""
         return self._listening
@@ -146,13 +142,12 @@ class Relay:
         """Finish the batch in hand, then return from `run`."""
         self._stop.set()
 
-    def wake(self) -> None:
-        self._wake.set()
-
     async def run(self) -> None:
         """Until `stop()`: wait for work, drain, back off while the broker or database is down."""
-        if not await self._publisher.start(self._stop):
-            return
+        # Connecting happens in the background: until it succeeds the loop below pauses (and
+        # keeps the pending gauges and retention going), whether the broker is down or slow.
+        connecting = asyncio.create_task(self._publisher.start(self._stop))
+        await asyncio.wait({connecting}, timeout=self._settings.relay_publish_timeout_ms / 1000)
         listener = (
             asyncio.create_task(self._listen())
             if self._engine.dialect.name == "postgresql"
@@ -163,6 +158,14 @@ class Relay:
         try:
             while not self._stop.is_set():
                 BROKER_CONNECTED.set(1 if self._publisher.connected else 0)
+                # Kept up during outages too: that is when the pending gauges matter most.
+                now_m = time.monotonic()
+                if now_m >= next_stats:
+                    next_stats = now_m + STATS_INTERVAL_S
+                    await self._guarded(self.refresh_stats())
+                if now_m >= next_retention:
+                    next_retention = now_m + self._retention_every_s
+                    await self._guarded(self.purge_published())
                 try:
                     await self.drain()
                 except (BrokerUnavailable, SQLAlchemyError, OSError, TimeoutError) as exc:
@@ -177,19 +180,13 @@ class Relay:
                     await self._pause(delay)
                     continue
                 outages = 0
-                now_m = time.monotonic()
-                if now_m >= next_stats:
-                    next_stats = now_m + STATS_INTERVAL_S
-                    await self._guarded(self.refresh_stats())
-                if now_m >= next_retention:
-                    next_retention = now_m + self._retention_every_s
-                    await self._guarded(self.purge_published())
                 await self._wait_for_work()
         finally:
-            if listener is not None:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
+            for task in (connecting, listener):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self._publisher.close()
             BROKER_CONNECTED.set(0)
             log.info("relay stopped")
