@@ -126,7 +126,14 @@ LIMIT $2
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
 _UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300"}
-DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: a pooled connection the server dropped (shutdown) was still mid-protocol.
+DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 def translate(exc: BaseException) -> AppError | None:
@@ -139,7 +146,13 @@ def translate(exc: BaseException) -> AppError | None:
     if isinstance(exc, TimeoutError):
         return Unavailable("database busy, retry later", headers={"Retry-After": "1"})
     if (
-        isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError)
+        isinstance(
+            exc,
+            OSError
+            | asyncpg.PostgresConnectionError
+            | asyncpg.InterfaceError
+            | asyncpg.InternalClientError,
+        )
         or sqlstate.startswith("08")
         or sqlstate in _UNAVAILABLE_STATES
     ):
@@ -424,8 +437,21 @@ class Lease:
         return self.conn
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        broken = exc_type is not None and not issubclass(exc_type, asyncpg.PostgresError)
+        # A server error leaves the connection usable, except the ones that end the session
+        # (shutdown, crash, connection failure): reusing those fails mid-protocol.
+        broken = exc_type is not None and (
+            not issubclass(exc_type, asyncpg.PostgresError)
+            or issubclass(exc_type, _SESSION_ENDING_ERRORS)
+        )
         self.pool.release(self.conn, broken=broken)
+
+
+_SESSION_ENDING_ERRORS = (
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.PostgresConnectionError,
+)
 
 
 async def connect(settings: Settings) -> PgOrders:
