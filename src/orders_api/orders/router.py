@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
-from pydantic import BaseModel, ValidationError
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.responses import Response
 
 from orders_api import idempotency
@@ -33,7 +34,7 @@ from orders_api.orders.schemas import (
     OrderPage,
 )
 from orders_api.pagination import InvalidCursor, cursor_secret, decode_cursor
-from orders_api.tenancy import TenantDep
+from orders_api.tenancy import TENANT_PARAMETER, tenant_of
 
 router = APIRouter(prefix="/orders", tags=["orders"])
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -123,40 +124,162 @@ def _json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
     }
 
 
-IdempotencyKey = Annotated[
-    str,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        pattern=r"^[\x21-\x7e]+$",
-        description="1-255 visible ASCII characters, taken verbatim",
-    ),
-]
+class Parameter:
+    """A header or query parameter read straight from the request, validated as FastAPI would.
+
+    FastAPI's per-request parameter and dependency resolution costs more than the rest of a
+    read, so the handlers read their headers and query parameters themselves: a cheap check
+    accepts the usual values and anything else goes through pydantic with the constraints
+    FastAPI applied, for the same 400 details. `doc` is what /openapi.json says about it.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        name: str,
+        annotation: Any,
+        doc: dict[str, Any],
+        *,
+        required: bool = False,
+        accept: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.where = where
+        self.name = name
+        self.required = required
+        self.adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        self.accept = accept
+        self.doc = {"name": name, "in": where, "required": required, **doc}
+
+    def check(self, value: str | None, errors: list[dict[str, Any]]) -> Any:
+        """The valid value (None when absent and optional), else its errors are appended."""
+        if value is None:
+            if self.required:
+                errors.append(
+                    {"loc": (self.where, self.name), "msg": "Field required", "type": "missing"}
+                )
+            return None
+        if self.accept is not None:
+            accepted = self.accept(value)
+            if accepted is not None:
+                return accepted
+        try:
+            return self.adapter.validate_python(value)
+        except ValidationError as exc:
+            for error in exc.errors(include_input=False):
+                errors.append({**error, "loc": (self.where, self.name, *error["loc"])})
+            return None
+
+
+def check_parameters(errors: list[dict[str, Any]]) -> None:
+    """400 with every parameter error at once, as FastAPI answered."""
+    if errors:
+        raise validation_failed(errors)
+
+
+_KEY_DOC = "1-255 visible ASCII characters, taken verbatim"
+IDEMPOTENCY_KEY = Parameter(
+    "header",
+    "Idempotency-Key",
+    Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")],
+    {
+        "description": _KEY_DOC,
+        "schema": {
+            "type": "string",
+            "title": "Idempotency-Key",
+            "description": _KEY_DOC,
+            "minLength": 1,
+            "maxLength": 255,
+            "pattern": r"^[\x21-\x7e]+$",
+        },
+    },
+    required=True,
+    accept=lambda value: value if idempotency.KEY_PATTERN.fullmatch(value) else None,
+)
 _IF_MATCH_DOC = '`"3"`, `3`, `W/"3"`, a list, or `*`'
-IfMatch = Annotated[
-    str | None,
-    Header(
-        alias="If-Match",
-        max_length=1024,
-        description=_IF_MATCH_DOC,
-        json_schema_extra={"pattern": IF_MATCH_PATTERN},
-    ),
-]
-# confirm answers 428 without If-Match, after the body checks: so the router checks presence
+_IF_MATCH_MAX = 1024
+
+
+def _short_if_match(value: str) -> str | None:
+    return value if len(value) <= _IF_MATCH_MAX else None
+
+
+IF_MATCH = Parameter(
+    "header",
+    "If-Match",
+    Annotated[str, Field(max_length=_IF_MATCH_MAX)],
+    {
+        "description": _IF_MATCH_DOC,
+        "schema": {
+            "type": "string",
+            "title": "If-Match",
+            "description": _IF_MATCH_DOC,
+            "maxLength": _IF_MATCH_MAX,
+            "pattern": IF_MATCH_PATTERN,
+        },
+    },
+    accept=_short_if_match,
+)
+# confirm answers 428 without If-Match, after the body checks: so the handler checks presence
 # itself and the document declares the header required.
-RequiredIfMatch = Annotated[
-    str | None, Header(alias="If-Match", max_length=1024, include_in_schema=False)
-]
 _REQUIRED_IF_MATCH_DOC = {
     "name": "If-Match",
     "in": "header",
     "required": True,
     "description": _IF_MATCH_DOC + "; without it: 428",
-    "schema": {"type": "string", "maxLength": 1024, "pattern": IF_MATCH_PATTERN},
+    "schema": {"type": "string", "maxLength": _IF_MATCH_MAX, "pattern": IF_MATCH_PATTERN},
 }
-OrderId = Annotated[str, "order id (UUID)"]
+_LIMITS = {str(n): n for n in range(1, 101)}
+LIMIT = Parameter(
+    "query",
+    "limit",
+    Annotated[int, Field(ge=1, le=100)],
+    {
+        "schema": {
+            "type": "integer",
+            "title": "Limit",
+            "minimum": 1,
+            "maximum": 100,
+            "default": 10,
+        }
+    },
+    accept=_LIMITS.get,
+)
 CURSOR_PATTERN = "^[A-Za-z0-9_-]{54}$"  # base64url of 40 bytes, unpadded
+_CURSOR_DOC = "opaque: the nextCursor of the previous page"
+_CURSOR_MAX = 256
+
+
+def _short_cursor(value: str) -> str | None:
+    return value if len(value) <= _CURSOR_MAX else None
+
+
+CURSOR = Parameter(
+    "query",
+    "cursor",
+    Annotated[str, Field(max_length=_CURSOR_MAX)],
+    {
+        "description": _CURSOR_DOC,
+        "schema": {
+            "type": "string",
+            "title": "Cursor",
+            "description": _CURSOR_DOC,
+            "maxLength": _CURSOR_MAX,
+            "pattern": CURSOR_PATTERN,
+        },
+    },
+    accept=_short_cursor,
+)
+ORDER_ID_PARAMETER = {
+    "name": "order_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "title": "Order Id"},
+}
+
+
+def order_id_of(request: Request) -> uuid.UUID:
+    return parse_order_id(request.path_params["order_id"])
+
 
 # OpenAPI links, so that clients (and schemathesis' stateful phase) can follow one order
 # through its life: the same tenant, the id from the body and the version from the ETag.
@@ -214,9 +337,16 @@ _PAGE_LINKS: dict[str, Any] = {
         },
         **_errors(400, 409, 413, 415),
     },
-    openapi_extra=_json_body(EmptyRequest, required=False),
+    openapi_extra={
+        **_json_body(EmptyRequest, required=False),
+        "parameters": [IDEMPOTENCY_KEY.doc, TENANT_PARAMETER],
+    },
 )
-async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey) -> Response:
+async def create_order(request: Request) -> Response:
+    tenant = tenant_of(request)
+    errors: list[dict[str, Any]] = []
+    key: str = IDEMPOTENCY_KEY.check(request.headers.get("idempotency-key"), errors)
+    check_parameters(errors)
     state = request.app.state
     data = await read_json(request)
     request_hash = idempotency.fingerprint(data)
@@ -242,6 +372,13 @@ async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey)
     return encoded_response(result.body, 200 if result.replayed else 201, **headers)
 
 
+def _if_match(request: Request) -> str | None:
+    errors: list[dict[str, Any]] = []
+    value: str | None = IF_MATCH.check(request.headers.get("if-match"), errors)
+    check_parameters(errors)
+    return value
+
+
 @router.patch(
     "/{order_id}/confirm",
     response_model=ConfirmedOrder,
@@ -249,19 +386,19 @@ async def create_order(request: Request, tenant: TenantDep, key: IdempotencyKey)
     responses={200: {"links": _CONFIRMED_LINKS}, **_errors(400, 404, 409, 413, 415, 428)},
     openapi_extra={
         **_json_body(ConfirmOrderRequest, required=True),
-        "parameters": [_REQUIRED_IF_MATCH_DOC],
+        "parameters": [ORDER_ID_PARAMETER, TENANT_PARAMETER, _REQUIRED_IF_MATCH_DOC],
     },
 )
-async def confirm_order(
-    request: Request, tenant: TenantDep, order_id: OrderId, if_match: RequiredIfMatch = None
-) -> Response:
+async def confirm_order(request: Request) -> Response:
+    tenant = tenant_of(request)
+    if_match = _if_match(request)
     expected = parse_if_match(if_match) if if_match is not None else None
     body = validate_body(ConfirmOrderRequest, await read_json(request))
     if if_match is None:
         raise PreconditionRequired("If-Match is required: send the ETag you read")
     state = request.app.state
     result = await service.confirm_order(
-        state.backend, tenant, parse_order_id(order_id), expected, body.totalCents, state.clock()
+        state.backend, tenant, order_id_of(request), expected, body.totalCents, state.clock()
     )
     return encoded_response(result.body, ETag=f'"{result.version}"')
 
@@ -271,23 +408,33 @@ async def confirm_order(
     response_model=ClosedOrder,
     operation_id="closeOrder",
     responses={200: {"links": _ORDER_LINKS}, **_errors(400, 404, 409, 413, 415)},
-    openapi_extra=_json_body(EmptyRequest, required=False),
+    openapi_extra={
+        **_json_body(EmptyRequest, required=False),
+        "parameters": [ORDER_ID_PARAMETER, IF_MATCH.doc, TENANT_PARAMETER],
+    },
 )
-async def close_order(
-    request: Request, tenant: TenantDep, order_id: OrderId, if_match: IfMatch = None
-) -> Response:
+async def close_order(request: Request) -> Response:
+    tenant = tenant_of(request)
+    if_match = _if_match(request)
     expected = parse_if_match(if_match) if if_match is not None else None
     validate_body(EmptyRequest, await read_json(request))
     state = request.app.state
     result = await service.close_order(
-        state.backend, tenant, parse_order_id(order_id), expected, state.clock()
+        state.backend, tenant, order_id_of(request), expected, state.clock()
     )
     return encoded_response(result.body, ETag=f'"{result.version}"')
 
 
-@router.get("/{order_id}", response_model=Order, operation_id="getOrder", responses=_errors(404))
-async def get_order(request: Request, tenant: TenantDep, order_id: OrderId) -> Response:
-    result = await service.get_order(request.app.state.backend, tenant, parse_order_id(order_id))
+@router.get(
+    "/{order_id}",
+    response_model=Order,
+    operation_id="getOrder",
+    responses=_errors(404),
+    openapi_extra={"parameters": [ORDER_ID_PARAMETER, TENANT_PARAMETER]},
+)
+async def get_order(request: Request) -> Response:
+    tenant = tenant_of(request)
+    result = await service.get_order(request.app.state.backend, tenant, order_id_of(request))
     return encoded_response(result.body, ETag=f'"{result.version}"')
 
 
@@ -296,20 +443,15 @@ async def get_order(request: Request, tenant: TenantDep, order_id: OrderId) -> R
     response_model=OrderPage,
     operation_id="listOrders",
     responses={200: {"links": _PAGE_LINKS}, **_errors(400)},
+    openapi_extra={"parameters": [LIMIT.doc, CURSOR.doc, TENANT_PARAMETER]},
 )
-async def list_orders(
-    request: Request,
-    tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    cursor: Annotated[
-        str | None,
-        Query(
-            max_length=256,
-            description="opaque: the nextCursor of the previous page",
-            json_schema_extra={"pattern": CURSOR_PATTERN},
-        ),
-    ] = None,
-) -> Response:
+async def list_orders(request: Request) -> Response:
+    tenant = tenant_of(request)
+    query = request.query_params
+    errors: list[dict[str, Any]] = []
+    limit = LIMIT.check(query.get("limit"), errors)
+    cursor: str | None = CURSOR.check(query.get("cursor"), errors)
+    check_parameters(errors)
     state = request.app.state
     secret = await cursor_secret(state)
     after = None
@@ -318,4 +460,7 @@ async def list_orders(
             after = decode_cursor(secret, tenant, cursor)
         except InvalidCursor as exc:
             raise ValidationFailed(str(exc)) from None
-    return encoded_response(await service.list_orders(state.backend, tenant, limit, after, secret))
+    page = await service.list_orders(
+        state.backend, tenant, 10 if limit is None else limit, after, secret
+    )
+    return encoded_response(page)
