@@ -110,6 +110,13 @@ Index(
     postgresql_where=text("published_at IS NULL AND dead_at IS NULL"),
     sqlite_where=text("published_at IS NULL AND dead_at IS NULL"),
 )
+# Retention deletes published rows oldest first, in batches, without scanning the table.
+Index(
+    "ix_outbox_published_at",
+    outbox.c.published_at,
+    postgresql_where=text("published_at IS NOT NULL"),
+    sqlite_where=text("published_at IS NOT NULL"),
+)
 # At most one orders.closed event per order, whatever races: the database says so.
 Index(
     "ix_outbox_order_event",
