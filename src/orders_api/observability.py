@@ -8,6 +8,8 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import MutableMapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -47,12 +49,23 @@ POOL_IN_USE = Gauge(
 )
 
 log = structlog.get_logger("orders_api.access")
+# The request being served (set by RequestContextMiddleware): on every log line and on 500s.
+REQUEST_ID: ContextVar[str | None] = ContextVar("orders_api_request_id", default=None)
+
+
+def add_request_id(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+    """structlog processor: the current request id, when there is one."""
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event.setdefault("request_id", request_id)
+    return event
 
 
 def configure_logging(level: str) -> None:
     """structlog renders JSON; stdlib records (uvicorn, sqlalchemy) go through the same renderer."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_request_id,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -95,34 +108,50 @@ class RequestContextMiddleware:
     is counted as it streams and fails with 413 the moment it passes the limit. uvicorn's
     httptools parser sets no bound on header size, so headers larger than max_header_bytes
     in total are refused here with 400 before any route runs.
+
+    It runs on every request, so what can be is done once: one pass over the headers, the
+    metric children cached per (method, route, status), the request id in one ContextVar
+    (read by the log processor add_request_id) rather than structlog's contextvars.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, max_header_bytes: int = 16384) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
+        self._metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
         started = time.perf_counter()
+        header_bytes = 0
+        incoming: bytes | None = None
+        declared: bytes | None = None
+        streamed = False
+        for name, value in scope["headers"]:
+            header_bytes += len(name) + len(value) + 4
+            if name == b"x-request-id":
+                if incoming is None:
+                    incoming = value
+            elif name == b"content-length":
+                if declared is None:
+                    declared = value
+            elif name == b"transfer-encoding":
+                streamed = True
+        request_id = _request_id(incoming)
+        REQUEST_ID.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
         status = 500
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
             await send(message)
 
         try:
-            header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
             if header_bytes > self.max_header_bytes:
                 too_large = ValidationFailed(
                     f"request headers are larger than {self.max_header_bytes} bytes",
@@ -130,18 +159,29 @@ class RequestContextMiddleware:
                 )
                 await error_response(too_large)(scope, receive, send_with_id)
                 return
-            declared = _content_length(scope)
-            if declared is not None and declared > self.max_body_bytes:
+            length = _content_length(declared)
+            if length is not None and length > self.max_body_bytes:
                 await error_response(_too_large(self.max_body_bytes))(scope, receive, send_with_id)
                 return
-            await self.app(scope, self._limited(receive), send_with_id)
+            # With a Content-Length the server delivers no more than declared; only a body
+            # without one (chunked) is counted as it arrives.
+            limited = receive if declared is not None and not streamed else self._limited(receive)
+            await self.app(scope, limited, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            REQUESTS.labels(method, template, str(status)).inc()
-            LATENCY.labels(method, template).observe(elapsed)
+            key = (method, template, status)
+            children = self._metrics.get(key)
+            if children is None:
+                children = (
+                    REQUESTS.labels(method, template, str(status)),
+                    LATENCY.labels(method, template),
+                )
+                self._metrics[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
             if status >= 500:
                 log.warning(
                     "request", method=method, path=scope["path"], status=status, ms=elapsed * 1000
@@ -167,22 +207,22 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes")
 
 
-def _incoming_request_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            return candidate if _REQUEST_ID.fullmatch(candidate) else None
-    return None
+def _request_id(incoming: bytes | None) -> str:
+    """The client's X-Request-ID when usable, else a new one (32 hex digits)."""
+    if incoming is not None:
+        candidate = incoming.decode("latin-1")
+        if _REQUEST_ID.fullmatch(candidate):
+            return candidate
+    return uuid.uuid4().hex
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+def _content_length(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 async def metrics_endpoint(_request: Request) -> Response:
