@@ -7,14 +7,12 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import nats
 import orjson
-import pytest
 from nats.js.api import StreamConfig
 from prometheus_client import REGISTRY
 from sqlalchemy import select, update
@@ -24,7 +22,6 @@ from orders_api.db import create_engine, outbox
 from orders_api.orders import repository as order_statements
 from orders_api.outbox.publishers import JetStreamPublisher, StdoutPublisher
 from orders_api.outbox.relay import Relay
-from tests.helpers import make_settings
 from tests.integration.relay_support import (
     ORDERS_API,
     STREAM,
@@ -34,10 +31,7 @@ from tests.integration.relay_support import (
     close_orders,
     confirm_orders,
     count_published,
-    create_relay_database,
-    empty_tables,
     msg_ids,
-    orders_api,
     outbox_rows,
     relay_env,
     relay_settings,
@@ -46,35 +40,6 @@ from tests.integration.relay_support import (
     stream_messages,
     wait_until,
 )
-
-
-@pytest.fixture(scope="module")
-def relay_database(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url, drop = create_relay_database(backend, tmp_path_factory.mktemp(f"relay-{backend}"))
-    yield url
-    drop()
-
-
-@pytest.fixture
-async def db(relay_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(make_settings(relay_database))
-    await empty_tables(engine)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-async def api(relay_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with orders_api(relay_database) as client:
-        yield client
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def metric(name: str, **labels: str) -> float:

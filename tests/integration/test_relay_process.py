@@ -9,21 +9,18 @@ import signal
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import nats
 import orjson
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders_api.db import create_engine
 from orders_api.outbox.publishers import StdoutPublisher
 from orders_api.outbox.relay import Relay
-from tests.helpers import make_settings
 from tests.integration.relay_support import (
     ORDERS_API,
     STREAM,
@@ -31,11 +28,8 @@ from tests.integration.relay_support import (
     close_orders,
     count_leased_unpublished,
     count_published,
-    create_relay_database,
-    empty_tables,
     free_port,
     msg_ids,
-    orders_api,
     outbox_rows,
     relay_env,
     relay_settings,
@@ -43,35 +37,6 @@ from tests.integration.relay_support import (
     stream_messages,
     wait_until,
 )
-
-
-@pytest.fixture(scope="module")
-def relay_database(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url, drop = create_relay_database(backend, tmp_path_factory.mktemp(f"relay-proc-{backend}"))
-    yield url
-    drop()
-
-
-@pytest.fixture
-async def db(relay_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(make_settings(relay_database))
-    await empty_tables(engine)
-    yield engine
-    await engine.dispose()
-
-
-@pytest.fixture
-async def api(relay_database: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with orders_api(relay_database) as client:
-        yield client
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def start_relay(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
