@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,10 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
-from tests.helpers import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT, free_port
 
 BIN = Path(sys.executable).parent
 ORDERS_API = str(BIN / "orders-api")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

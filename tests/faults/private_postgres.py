@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.live import free_port
+from tests.helpers import free_port
 
 SUPERUSER = "orders"
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from tests.helpers import PROJECT_ROOT
-from tests.live import BIN, ORDERS_API, free_port
+from tests.helpers import PROJECT_ROOT, free_port
+from tests.live import BIN, ORDERS_API
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 COMPOSE = PROJECT_ROOT / "docker-compose.yml"

@@ -7,8 +7,7 @@ import time
 import httpx
 
 from orders_api.app import create_app
-from tests.helpers import make_settings
-from tests.live import free_port
+from tests.helpers import free_port, make_settings
 
 
 async def test_ready_when_the_database_answers(client: httpx.AsyncClient) -> None:

@@ -37,7 +37,7 @@ from orders_api.outbox.models import OutboxEvent
 from orders_api.outbox.publishers import Publisher
 from orders_api.outbox.relay import Relay
 from tests.conftest import TEST_DATABASE_URL
-from tests.helpers import PROJECT_ROOT, make_settings
+from tests.helpers import PROJECT_ROOT, free_port, make_settings
 
 STREAM = "ORDERS"
 ORDERS_API = PROJECT_ROOT / ".venv" / "bin" / "orders-api"
@@ -51,13 +51,6 @@ def nats_server_binary() -> str:
     if found is None:
         raise RuntimeError("nats-server is not installed (CI installs it via .ci/ensure-tools)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class NatsServer:
