@@ -290,10 +290,12 @@ async def test_bug_in_a_write_is_a_bland_internal_error(
 async def unmigrated(backend: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """An app on a database nobody migrated: every statement fails with a driver error."""
     name = f"orders_empty_{uuid.uuid4().hex[:12]}"
-    admin = make_url(TEST_DATABASE_URL).set(drivername="postgresql")
+    admin = ""
     if backend == "postgresql":
-        await _run_admin(admin.render_as_string(hide_password=False), f'CREATE DATABASE "{name}"')
-        url = admin.set(database=name).render_as_string(hide_password=False)
+        admin_url = make_url(TEST_DATABASE_URL).set(drivername="postgresql")
+        admin = admin_url.render_as_string(hide_password=False)
+        await _run_admin(admin, f'CREATE DATABASE "{name}"')
+        url = admin_url.set(database=name).render_as_string(hide_password=False)
     else:
         url = f"sqlite:///{tmp_path / 'empty.db'}"
     try:
@@ -304,10 +306,7 @@ async def unmigrated(backend: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncC
                 yield http
     finally:
         if backend == "postgresql":
-            await _run_admin(
-                admin.render_as_string(hide_password=False),
-                f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
-            )
+            await _run_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _run_admin(url: str, sql: str) -> None:
