@@ -7,7 +7,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -41,7 +40,10 @@ LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-IDEMPOTENCY = Counter("orders_api_idempotency_total", "Idempotent creates by outcome", ["outcome"])
+_IDEMPOTENCY = Counter("orders_api_idempotency_total", "Idempotent creates by outcome", ["outcome"])
+IDEMPOTENCY = {
+    outcome: _IDEMPOTENCY.labels(outcome) for outcome in ("created", "replayed", "conflict")
+}
 POOL_IN_USE = Gauge(
     "orders_api_db_pool_connections_in_use",
     "Database connections checked out of the pool",
@@ -213,7 +215,7 @@ def _request_id(incoming: bytes | None) -> str:
         candidate = incoming.decode("latin-1")
         if _REQUEST_ID.fullmatch(candidate):
             return candidate
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _content_length(value: bytes | None) -> int | None:

@@ -53,7 +53,7 @@ class Encoded:
 
 def iso(value: datetime) -> str:
     """ISO 8601 UTC with microseconds, always six digits."""
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def order_json(row: Row[Any]) -> dict[str, Any]:
