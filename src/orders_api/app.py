@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import event, text
 from starlette.responses import PlainTextResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orders_api import idempotency
 from orders_api.config import Settings
@@ -78,7 +79,7 @@ def create_app(
                 await pg.pool.close()
             await engine.dispose()
 
-    app = FastAPIOffline(
+    app = OrdersAPI(
         title="orders-api",
         version="0.1.0",
         description="Multi-tenant orders: idempotent create, optimistic locking, "
@@ -88,7 +89,10 @@ def create_app(
         # FastAPI's native OpenTelemetry checks the global providers on every request; with
         # tracing off (the default) that is settled here, once.
         telemetry=None if tracing else {"tracing": False, "metrics": False, "logs": False},
+        docs_url=None,
+        redoc_url=None,
     )
+    _serve_docs_offline(app)
     app.state.settings = settings
     app.state.clock = clock
     app.state.idempotency_window = timedelta(seconds=settings.idempotency_window_seconds)
@@ -108,15 +112,49 @@ def create_app(
         responses={200: {"description": "Prometheus text exposition format"}},
     )
     _document_parameters_as_strings(app)
-    app.add_middleware(
-        DirectRoutes, routes=orders_router.routes, exception_handlers=app.exception_handlers
-    )
-    app.add_middleware(
-        RequestContextMiddleware,
+    app.front = RequestContextMiddleware(
+        # With tracing on, the instrumentation's middleware inside FastAPI sees every request.
+        DirectRoutes(
+            app.behind_front, [] if tracing else orders_router.routes, app.exception_handlers
+        ),
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )
     return app
+
+
+class OrdersAPI(FastAPI):
+    """FastAPI with the request context and the orders routes in front of it.
+
+    Every HTTP request first passes `front`: RequestContextMiddleware (request id, size
+    limits, metrics, the access log of failures), then DirectRoutes, which serves the orders
+    routes itself and hands anything else to FastAPI as usual (router, documentation,
+    404/405, its own 500 handling). The orders routes so skip FastAPI's and Starlette's
+    per-request layers, and every response, 500s included, leaves through the request
+    context.
+    """
+
+    front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is not None and scope["type"] == "http":
+            scope["app"] = self
+            await self.front(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI itself: where `front` passes what it does not serve."""
+        await super().__call__(scope, receive, send)
+
+
+def _serve_docs_offline(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts and styles served from here, no CDN:
+    the routes fastapi-offline builds, taken from an app it makes for the purpose."""
+    docs = FastAPIOffline(title=app.title, openapi_url=app.openapi_url)
+    app.router.routes.extend(
+        route for route in docs.router.routes if getattr(route, "path", None) != app.openapi_url
+    )
 
 
 def _document_parameters_as_strings(app: FastAPI) -> None:

@@ -248,12 +248,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        # Starlette sends this response outside the middleware that adds X-Request-ID.
-        from orders_api.observability import REQUEST_ID
-
-        request_id = REQUEST_ID.get()
-        headers = {"X-Request-ID": request_id} if isinstance(request_id, str) else None
-        return error_response(AppError("internal error", headers=headers))
+        return error_response(AppError("internal error"))
 
 
 def _database_failure(_request: Request, exc: DBAPIError | PoolTimeout) -> Response:

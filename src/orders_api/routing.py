@@ -14,17 +14,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class DirectRoutes:
-    """ASGI middleware: a request whose method and path match one of `routes` goes straight
-    to that route's endpoint.
+    """ASGI app in front of FastAPI: a request whose method and path match one of `routes`
+    goes straight to that route's endpoint; any other, including a known path with another
+    method (405), goes on to `app` (FastAPI).
 
-    Starlette's and FastAPI's per-request layers (exception middleware, exit stack, the scan
-    over every route, dependency solving, the wrappers around send) cost more CPU than the
-    rest of a request on these routes, and they do nothing for them: their endpoints take the
-    Request and return a Response, with no FastAPI parameters or dependencies (checked here).
-    An exception goes to the app's exception handler for its type, as ExceptionMiddleware
-    would send it; one without a handler goes on up to ServerErrorMiddleware (500). Any other
-    request, including a known path with another method (405), goes on to FastAPI. The routes
-    stay registered with FastAPI, which documents them in /openapi.json.
+    Starlette's and FastAPI's per-request layers (error middlewares, the scan over every
+    route, the exit stack, dependency solving, the wrappers around send) cost more CPU than
+    the rest of a request on these routes, and they do nothing for them: their endpoints take
+    the Request and return a Response, with no FastAPI parameters or dependencies (checked
+    here). An exception goes to the app's exception handler for its type, as
+    ExceptionMiddleware would send it; one without goes to the app's 500 handler, as
+    ServerErrorMiddleware would, and on up to the server's log. The routes stay registered
+    with FastAPI, which documents them in /openapi.json.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class DirectRoutes:
             for key, handler in exception_handlers.items()
             if key not in (500, Exception)
         }
+        self.server_error = exception_handlers.get(Exception) or exception_handlers.get(500)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -81,6 +83,10 @@ class DirectRoutes:
                 (self.handlers[cls] for cls in type(exc).__mro__ if cls in self.handlers), None
             )
             if handler is None:
+                # A bug: answered as ServerErrorMiddleware would, with the app's 500 handler,
+                # and the exception goes on up to the server, which logs it.
+                if self.server_error is not None:
+                    await (await self.server_error(request, exc))(scope, receive, send)
                 raise
             response = await handler(request, exc)
         await response(scope, receive, send)
