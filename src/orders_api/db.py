@@ -216,8 +216,17 @@ def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        # WAL is a property of the file, set by its first connection. Asking for it on every
+        # new connection (PRAGMA journal_mode=WAL) was not harmless: a connection that has
+        # not read the file yet takes it for a rollback-journal file and tries the switch,
+        # which under concurrent writes sometimes failed at once with "database is locked"
+        # (no busy wait): about one burst of 24 same-key creates in 100 on a fresh two-worker
+        # server got a 503. So read first (the mode is then known), switch only if needed.
+        cursor.execute("SELECT count(*) FROM sqlite_master")
+        cursor.execute("PRAGMA journal_mode")
+        if cursor.fetchone()[0].lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
