@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders_api.outbox.publishers import StdoutPublisher
 from orders_api.outbox.relay import Relay
+from tests.helpers import free_port
 from tests.integration.relay_support import (
     ORDERS_API,
     STREAM,
@@ -28,7 +29,6 @@ from tests.integration.relay_support import (
     close_orders,
     count_leased_unpublished,
     count_published,
-    free_port,
     msg_ids,
     outbox_rows,
     relay_env,

@@ -124,8 +124,6 @@ class EncodedJSON(Response):
     """A body that arrives encoded as JSON (by the database or once by the service), with
     its headers written straight as ASGI raw headers: lowercase names, no checks needed."""
 
-    media_type = "application/json"
-
     def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
         raw = [(b"content-length", b"%d" % len(self.body)), (b"content-type", b"application/json")]
         if headers:
