@@ -1,0 +1,1 @@
+"""Chaos topology for orders-api: PostgreSQL failover, PgBouncer, NATS cluster, HAProxy."""

@@ -1,0 +1,319 @@
+"""Starts the topology without the API and proves each part under its fault; prints JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import nats
+from nats.errors import Error as NatsError
+from nats.js.api import StreamConfig
+from nats.js.errors import NoStreamResponseError
+
+from chaos import procs
+from chaos.topology import Topology
+
+BASE_DIR = Path(os.environ.get("CHAOS_BASE_DIR", "/tmp/orders-chaos-smoke"))
+STREAM = "CHAOS_SMOKE"
+SUBJECT = "chaos.smoke"
+
+
+# -- PostgreSQL: multi-host DSN across a SIGKILLed primary ------------------------------
+
+
+async def _pg_write(dsn: str, note: str) -> int:
+    """Insert one row through dsn; the port of the server that took it."""
+    conn = await asyncpg.connect(dsn, timeout=2)
+    try:
+        await conn.execute("create table if not exists chaos_smoke (id serial, note text)")
+        await conn.execute("insert into chaos_smoke (note) values ($1)", note)
+        return int(await conn.fetchval("select inet_server_port()"))
+    finally:
+        await conn.close()
+
+
+async def _pg_notes(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn, timeout=2)
+    try:
+        return [r["note"] for r in await conn.fetch("select note from chaos_smoke order by id")]
+    finally:
+        await conn.close()
+
+
+async def _pg_write_until_ok(dsn: str, note: str, within: float) -> tuple[int, int]:
+    """Retry a write through the multi-host DSN until one commits; (port, attempts)."""
+    deadline = time.monotonic() + within
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return await _pg_write(dsn, note), attempts
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def check_postgres(topo: Topology) -> dict[str, Any]:
+    """Write, kill the primary, write again through the same DSN, heal, read on both nodes."""
+    pg = topo.pg
+    before_port = asyncio.run(_pg_write(pg.dsn, "before"))
+    old = pg.kill_primary()
+    after_port, attempts = asyncio.run(_pg_write_until_ok(pg.dsn, "after", 60))
+    client_gap = time.monotonic() - (pg.killed_at or 0)
+    failover = pg.wait_for_new_primary(old, 60)
+    new = pg.primary()
+    pg.restart_node(old)
+    heal = pg.wait_healthy(90)
+    notes_primary = asyncio.run(_pg_notes(pg.dsn))
+    notes_old = asyncio.run(_pg_notes(pg.node_dsn(old)))  # now a standby: replicated rows
+    ok = notes_primary == ["before", "after"] == notes_old and before_port != after_port
+    return {
+        "ok": ok,
+        "killed": old,
+        "new_primary": new,
+        "failover_s": round(failover, 2),
+        "client_write_gap_s": round(client_gap, 2),
+        "client_attempts": attempts,
+        "heal_s": round(heal, 2),
+        "rows_on_primary": notes_primary,
+        "rows_on_healed_standby": notes_old,
+        "states": pg.states(),
+    }
+
+
+# -- PgBouncer: transaction pooling with unnamed statements ---------------------------
+
+
+async def _bouncer_load(dsn: str, clients: int, rounds: int) -> int:
+    """`clients` connections with statement_cache_size=0, each `rounds` write+read txns."""
+
+    async def client(i: int) -> int:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=5,
+            statement_cache_size=0,
+            server_settings={"application_name": "chaos-smoke"},
+        )
+        try:
+            done = 0
+            for r in range(rounds):
+                async with conn.transaction():
+                    await conn.execute(
+                        "insert into chaos_bouncer (client, round) values ($1, $2)", i, r
+                    )
+                    n = await conn.fetchval(
+                        "select count(*) from chaos_bouncer where client = $1", i
+                    )
+                done += n == r + 1
+            return done
+        finally:
+            await conn.close()
+
+    setup = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+    try:
+        await setup.execute("create table if not exists chaos_bouncer (client int, round int)")
+        await setup.execute("truncate chaos_bouncer")
+    finally:
+        await setup.close()
+    return sum(await asyncio.gather(*(client(i) for i in range(clients))))
+
+
+async def _bouncer_rejects(dsn: str, setting: str) -> str:
+    """The error PgBouncer gives a client sending `setting` at startup ('' if none)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=5, server_settings={setting: "5000"})
+    except (asyncpg.PostgresError, OSError) as exc:
+        return str(exc)
+    await conn.close()
+    return ""
+
+
+def check_pgbouncer(topo: Topology, clients: int = 10, rounds: int = 20) -> dict[str, Any]:
+    """Concurrent write+read transactions through PgBouncer; what it does with timeouts."""
+    dsn = topo.pgbouncer.dsn()
+    started = time.monotonic()
+    consistent = asyncio.run(_bouncer_load(dsn, clients, rounds))
+    elapsed = time.monotonic() - started
+    rejected = asyncio.run(_bouncer_rejects(dsn, "statement_timeout"))
+    return {
+        "ok": consistent == clients * rounds and "unsupported startup parameter" in rejected,
+        "target": topo.pgbouncer.target,
+        "transactions": clients * rounds,
+        "consistent": consistent,
+        "seconds": round(elapsed, 2),
+        "statement_timeout_at_startup": rejected,
+    }
+
+
+def check_pgbouncer_after_failover(topo: Topology) -> dict[str, Any]:
+    """Repoint PgBouncer at the new primary (reload) and run a smaller load through it."""
+    primary = topo.pg.primary()
+    if primary is None:
+        return {"ok": False, "error": "no primary"}
+    topo.pgbouncer.repoint("127.0.0.1", topo.pg.node(primary).port)
+    time.sleep(0.5)
+    result = check_pgbouncer(topo, clients=4, rounds=10)
+    return {"ok": result["ok"], "target": topo.pgbouncer.target, "consistent": result["consistent"]}
+
+
+# -- NATS: an R3 stream across a SIGKILLed leader --------------------------------------
+
+
+async def _publish_until_acked(js: Any, msg_id: str, within: float) -> tuple[Any, int]:
+    """Publish one message under msg_id, retrying time-outs under the same id."""
+    deadline = time.monotonic() + within
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            ack = await js.publish(SUBJECT, msg_id.encode(), timeout=1.0,
+                                   headers={"Nats-Msg-Id": msg_id})  # fmt: skip
+            return ack, attempts
+        except (TimeoutError, NoStreamResponseError, NatsError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def _ignore(_exc: Exception) -> None:
+    return None
+
+
+async def _nats_leg(topo: Topology, out: dict[str, Any]) -> None:
+    """Publish 10, SIGKILL the stream leader, publish again under retries, check dedupe."""
+    cluster = topo.nats
+    out["version"] = cluster.version()
+    nc = await nats.connect(
+        servers=cluster.urls.split(","),
+        connect_timeout=2,
+        reconnect_time_wait=0.2,
+        max_reconnect_attempts=-1,
+        error_cb=_ignore,  # the killed server's EOF is expected
+    )
+    try:
+        js = nc.jetstream(timeout=2)
+        await js.add_stream(
+            StreamConfig(name=STREAM, subjects=[SUBJECT], num_replicas=3, duplicate_window=120)
+        )
+        for i in range(1, 11):
+            await _publish_until_acked(js, f"m-{i}", 10)
+        leader = out["killed_leader"] = await asyncio.to_thread(cluster.stream_leader, STREAM)
+        if leader is None:
+            raise RuntimeError("stream has no leader")
+        await asyncio.to_thread(cluster.kill, leader)
+        _, out["publish_attempts_after_kill"] = await _publish_until_acked(js, "m-11", 60)
+        out["first_ack_after_kill_s"] = round(time.monotonic() - (cluster.killed_at or 0), 2)
+        election = await asyncio.to_thread(cluster.wait_stream_leader, STREAM, leader, 60)
+        out["leader_election_s"] = round(election, 2)
+        out["new_leader"] = await asyncio.to_thread(cluster.stream_leader, STREAM)
+        dups = [(await _publish_until_acked(js, msg_id, 10))[0] for msg_id in ("m-5", "m-11")]
+        out["duplicates_detected"] = [bool(ack.duplicate) for ack in dups]
+        await asyncio.to_thread(cluster.restart, leader)
+        catch_up = await asyncio.to_thread(cluster.wait_stream_current, STREAM, 60)
+        out["restarted_node_current_s"] = round(catch_up, 2)
+        out["messages"] = (await js.stream_info(STREAM)).state.messages
+        out["ok"] = out["messages"] == 11 and all(out["duplicates_detected"])
+    finally:
+        await nc.close()
+
+
+def check_nats(topo: Topology) -> dict[str, Any]:
+    """The NATS leg; what it measured even when a later step fails."""
+    out: dict[str, Any] = {"ok": False}
+    try:
+        asyncio.run(_nats_leg(topo, out))
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+# -- HAProxy: round robin over two trivial backends, one SIGKILLed ---------------------
+
+
+def _http_backend_command(topo: Topology) -> Any:
+    """`python -m http.server` per port, serving readyz and whoami from its own folder."""
+
+    def command(port: int) -> list[str]:
+        folder = topo.base_dir / "app" / f"www-{port}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "readyz").write_text("ok\n")
+        (folder / "whoami").write_text(str(port))
+        return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                "--directory", str(folder)]  # fmt: skip
+
+    return command
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def check_haproxy(topo: Topology) -> dict[str, Any]:
+    """Balanced answers; all answered while one backend is SIGKILLed; it comes back UP."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), procs.TAG: topo.tag}
+    up_s = topo.start_apis(env=env, command=_http_backend_command(topo), timeout=30)
+    url = f"{topo.haproxy.url}/whoami"
+    seen = [_get(url)[1] for _ in range(6)]
+    topo.kill_app("api1")
+    during = [_get(url) for _ in range(20)]
+    down_s = procs.wait_until(
+        "api1 DOWN", lambda: topo.haproxy.backend_status().get("api1", "").startswith("DOWN"), 10
+    )[1]
+    topo.restart_app("api1")
+    back_up_s = topo.haproxy.wait_backends_up(2, 30)
+    balanced = len(set(seen)) == 2
+    all_ok = all(status == 200 for status, _ in during)
+    return {
+        "ok": balanced and all_ok,
+        "backends_up_s": round(up_s, 2),
+        "round_robin": seen,
+        "answered_200_with_backend_killed": sum(status == 200 for status, _ in during),
+        "requests_with_backend_killed": len(during),
+        "marked_down_s": round(down_s, 2),
+        "back_up_s": round(back_up_s, 2),
+    }
+
+
+# -- run ------------------------------------------------------------------------------
+
+
+def main() -> int:
+    """Run every leg; exit 0 when all pass."""
+    started = time.monotonic()
+    summary: dict[str, Any] = {"base_dir": str(BASE_DIR)}
+    with Topology(BASE_DIR, apis=2, max_seconds=400) as topo:
+        summary["startup_s"] = {k: round(v, 2) for k, v in topo.timings.items()}
+        summary["topology"] = topo.info()
+        legs = [
+            ("pgbouncer", check_pgbouncer),
+            ("postgres_failover", check_postgres),
+            ("pgbouncer_after_failover", check_pgbouncer_after_failover),
+            ("nats", check_nats),
+            ("haproxy", check_haproxy),
+        ]
+        for name, leg in legs:
+            try:
+                summary[name] = leg(topo)
+            except Exception as exc:
+                summary[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    summary["ok"] = all(summary[name].get("ok") for name, _ in legs)
+    summary["total_s"] = round(time.monotonic() - started, 2)
+    sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
