@@ -83,7 +83,7 @@ class NatsCluster:
     def node(self, name: str) -> NatsNode:
         return next(node for node in self.nodes if node.name == name)
 
-    def procs(self) -> list[procs.Proc]:
+    def processes(self) -> list[procs.Proc]:
         return [node.proc for node in self.nodes if node.proc is not None]
 
     def version(self) -> str:
@@ -241,10 +241,10 @@ class NatsCluster:
 
     def stop(self, grace: float = 3) -> None:
         """SIGTERM every server, then SIGKILL what is left."""
-        for proc in self.procs():
+        for proc in self.processes():
             proc.kill(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for proc in self.procs():
+        for proc in self.processes():
             if not proc.wait(max(0.1, deadline - time.monotonic())):
                 proc.kill(signal.SIGKILL)
                 proc.wait(2)

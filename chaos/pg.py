@@ -92,7 +92,7 @@ class PgCluster:
     def node(self, name: str) -> PgNode:
         return next(node for node in self.nodes if node.name == name)
 
-    def procs(self) -> list[procs.Proc]:
+    def processes(self) -> list[procs.Proc]:
         """Every keeper we started (the monitor's too)."""
         keepers = [node.keeper for node in self.nodes if node.keeper is not None]
         return [p for p in [self.monitor, *keepers] if p is not None]
@@ -308,10 +308,10 @@ class PgCluster:
         monitor_pid = PgNode("monitor", self.monitor_port, self.root / "monitor").postmaster_pid()
         if monitor_pid is not None and procs.alive(monitor_pid):
             procs.kill_pid(monitor_pid, signal.SIGINT)
-        for proc in self.procs():
+        for proc in self.processes():
             proc.kill(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for proc in self.procs():
+        for proc in self.processes():
             proc.wait(max(0.1, deadline - time.monotonic()))
             proc.kill(signal.SIGKILL)
             proc.wait(2)

@@ -235,6 +235,7 @@ def spawn(
 ) -> Proc:
     """Start argv in a new session (own process group), output appended to log_dir/<name>.log."""
     log_path = log_dir / f"{name}.log"
+    uid, gid, groups = _ids(user)
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%H:%M:%S')} start {' '.join(argv)}\n".encode())
@@ -247,17 +248,20 @@ def spawn(
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
-            **_as_user(user),
+            user=uid,
+            group=gid,
+            extra_groups=groups,
         )
     _OWNED.add(popen.pid)
     return Proc(name, list(argv), log_path, popen)
 
 
-def _as_user(user: str | None) -> dict[str, object]:
+def _ids(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    """(uid, gid, extra groups) to run as user; all None when not root or no user asked."""
     if user is None or os.geteuid() != 0:
-        return {}
+        return None, None, None
     entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    return entry.pw_uid, entry.pw_gid, []
 
 
 def run(
@@ -270,6 +274,7 @@ def run(
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command to completion, bounded by timeout; raise with its output on failure."""
+    uid, gid, groups = _ids(user)
     result = subprocess.run(
         list(argv),
         env=dict(env) if env is not None else None,
@@ -279,7 +284,9 @@ def run(
         timeout=timeout,
         check=False,
         stdin=subprocess.DEVNULL,
-        **_as_user(user),  # type: ignore[arg-type]
+        user=uid,
+        group=gid,
+        extra_groups=groups,
     )
     if check and result.returncode != 0:
         raise RuntimeError(

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,30 +63,58 @@ async def _pg_write_until_ok(dsn: str, note: str, within: float) -> tuple[int, i
             await asyncio.sleep(0.2)
 
 
-def check_postgres(topo: Topology) -> dict[str, Any]:
-    """Write, kill the primary, write again through the same DSN, heal, read on both nodes."""
+async def _pg_sync_state(dsn: str) -> dict[str, Any]:
+    """synchronous_standby_names and each standby's sync_state, on the primary."""
+    conn = await asyncpg.connect(dsn, timeout=2)
+    try:
+        names = await conn.fetchval("show synchronous_standby_names")
+        rows = await conn.fetch("select application_name, sync_state from pg_stat_replication")
+        return {"synchronous_standby_names": names, **{r[0]: r[1] for r in rows}}
+    finally:
+        await conn.close()
+
+
+def _failover_round(topo: Topology, note: str) -> dict[str, Any]:
+    """Write, SIGKILL the primary, write again through the same DSN, restart the old one."""
     pg = topo.pg
-    before_port = asyncio.run(_pg_write(pg.dsn, "before"))
+    sync = asyncio.run(_pg_sync_state(pg.dsn))
+    before_port = asyncio.run(_pg_write(pg.dsn, f"{note}-before"))
     old = pg.kill_primary()
-    after_port, attempts = asyncio.run(_pg_write_until_ok(pg.dsn, "after", 60))
+    after_port, attempts = asyncio.run(_pg_write_until_ok(pg.dsn, f"{note}-after", 60))
     client_gap = time.monotonic() - (pg.killed_at or 0)
     failover = pg.wait_for_new_primary(old, 60)
     new = pg.primary()
     pg.restart_node(old)
     heal = pg.wait_healthy(90)
-    notes_primary = asyncio.run(_pg_notes(pg.dsn))
-    notes_old = asyncio.run(_pg_notes(pg.node_dsn(old)))  # now a standby: replicated rows
-    ok = notes_primary == ["before", "after"] == notes_old and before_port != after_port
     return {
-        "ok": ok,
         "killed": old,
         "new_primary": new,
+        "moved": before_port != after_port,
+        "sync_before_kill": sync,
         "failover_s": round(failover, 2),
         "client_write_gap_s": round(client_gap, 2),
         "client_attempts": attempts,
         "heal_s": round(heal, 2),
+    }
+
+
+def check_postgres(topo: Topology, rounds: int = 2) -> dict[str, Any]:
+    """`rounds` failovers (there and back); every row on the primary and the healed standby."""
+    pg = topo.pg
+    results = [_failover_round(topo, f"r{i}") for i in range(1, rounds + 1)]
+    expected = [f"r{i}-{when}" for i in range(1, rounds + 1) for when in ("before", "after")]
+    notes_primary = asyncio.run(_pg_notes(pg.dsn))
+    standby = next(name for name, (state, _) in pg.states().items() if state == "secondary")
+    notes_standby = asyncio.run(_pg_notes(pg.node_dsn(standby)))
+    return {
+        "ok": notes_primary == expected == notes_standby and all(r["moved"] for r in results),
+        "failover_s": [r["failover_s"] for r in results],
+        "client_write_gap_s": [r["client_write_gap_s"] for r in results],
+        "heal_s": [r["heal_s"] for r in results],
+        "rounds": results,
         "rows_on_primary": notes_primary,
-        "rows_on_healed_standby": notes_old,
+        "rows_on_standby": notes_standby,
+        "monitor_gucs": pg.gucs,
         "states": pg.states(),
     }
 
@@ -156,10 +185,7 @@ def check_pgbouncer(topo: Topology, clients: int = 10, rounds: int = 20) -> dict
 
 def check_pgbouncer_after_failover(topo: Topology) -> dict[str, Any]:
     """Repoint PgBouncer at the new primary (reload) and run a smaller load through it."""
-    primary = topo.pg.primary()
-    if primary is None:
-        return {"ok": False, "error": "no primary"}
-    topo.pgbouncer.repoint("127.0.0.1", topo.pg.node(primary).port)
+    topo.pgbouncer_follow_primary()
     time.sleep(0.5)
     result = check_pgbouncer(topo, clients=4, rounds=10)
     return {"ok": result["ok"], "target": topo.pgbouncer.target, "consistent": result["consistent"]}
@@ -210,10 +236,12 @@ async def _nats_leg(topo: Topology, out: dict[str, Any]) -> None:
         if leader is None:
             raise RuntimeError("stream has no leader")
         await asyncio.to_thread(cluster.kill, leader)
+        watch = asyncio.create_task(
+            asyncio.to_thread(cluster.wait_stream_leader, STREAM, leader, 60)
+        )
         _, out["publish_attempts_after_kill"] = await _publish_until_acked(js, "m-11", 60)
         out["first_ack_after_kill_s"] = round(time.monotonic() - (cluster.killed_at or 0), 2)
-        election = await asyncio.to_thread(cluster.wait_stream_leader, STREAM, leader, 60)
-        out["leader_election_s"] = round(election, 2)
+        out["leader_election_s"] = round(await watch, 2)
         out["new_leader"] = await asyncio.to_thread(cluster.stream_leader, STREAM)
         dups = [(await _publish_until_acked(js, msg_id, 10))[0] for msg_id in ("m-5", "m-11")]
         out["duplicates_detected"] = [bool(ack.duplicate) for ack in dups]
@@ -294,22 +322,25 @@ def main() -> int:
     """Run every leg; exit 0 when all pass."""
     started = time.monotonic()
     summary: dict[str, Any] = {"base_dir": str(BASE_DIR)}
-    with Topology(BASE_DIR, apis=2, max_seconds=400) as topo:
-        summary["startup_s"] = {k: round(v, 2) for k, v in topo.timings.items()}
-        summary["topology"] = topo.info()
-        legs = [
-            ("pgbouncer", check_pgbouncer),
-            ("postgres_failover", check_postgres),
-            ("pgbouncer_after_failover", check_pgbouncer_after_failover),
-            ("nats", check_nats),
-            ("haproxy", check_haproxy),
-        ]
-        for name, leg in legs:
-            try:
-                summary[name] = leg(topo)
-            except Exception as exc:
-                summary[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    summary["ok"] = all(summary[name].get("ok") for name, _ in legs)
+    legs: list[tuple[str, Callable[[Topology], dict[str, Any]]]] = [
+        ("pgbouncer", check_pgbouncer),
+        ("postgres_failover", check_postgres),
+        ("pgbouncer_after_failover", check_pgbouncer_after_failover),
+        ("nats", check_nats),
+        ("haproxy", check_haproxy),
+    ]
+    try:
+        with Topology(BASE_DIR, apis=2, max_seconds=400) as topo:
+            summary["startup_s"] = {k: round(v, 2) for k, v in topo.timings.items()}
+            summary["topology"] = topo.info()
+            for name, leg in legs:
+                try:
+                    summary[name] = leg(topo)
+                except Exception as exc:
+                    summary[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    except KeyboardInterrupt as exc:
+        summary["interrupted"] = str(exc)
+    summary["ok"] = all(summary.get(name, {}).get("ok") for name, _ in legs)
     summary["total_s"] = round(time.monotonic() - started, 2)
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     return 0 if summary["ok"] else 1

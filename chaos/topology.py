@@ -231,11 +231,29 @@ class Topology:
 
         return procs.wait_until(f"{name} ready", ready, timeout, 0.2)[1]
 
+    def run_cli(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+    ) -> str:
+        """`orders-api ARGS` to completion against this topology (e.g. "migrate"); its output."""
+        argv = [str(VENV_BIN / "orders-api"), *args]
+        cwd = self.base_dir / "app"
+        cwd.mkdir(parents=True, exist_ok=True)
+        result = procs.run(argv, env=env or self.app_env(), cwd=cwd, timeout=timeout)
+        return result.stdout + result.stderr
+
     # -- faults in one place --------------------------------------------------------------
 
     def kill_pg_primary(self) -> str:
         """SIGKILL the PostgreSQL primary's keeper and postmaster; its name."""
         return self.pg.kill_primary()
+
+    def pgbouncer_follow_primary(self) -> str:
+        """Repoint PgBouncer at the node that is primary now (after a failover); its name."""
+        primary = self.pg.primary()
+        if primary is None:
+            raise RuntimeError(f"no settled primary: {self.pg.states()}")
+        self.pgbouncer.repoint("127.0.0.1", self.pg.node(primary).port)
+        return primary
 
     def kill_nats_stream_leader(self, stream: str) -> str:
         """SIGKILL the server leading `stream`; its name."""
