@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import signal
 import socket
 from pathlib import Path
@@ -11,6 +12,15 @@ from pathlib import Path
 from chaos import procs
 
 HAPROXY = "/usr/sbin/haproxy"
+
+# HAProxy's own answers, in the API's error shape: 503 when no instance is ready (all failed
+# /readyz, e.g. during a database failover), 502 when an instance died mid-request (unknown
+# outcome: retry with the same Idempotency-Key), 504 when one did not answer in time.
+ERRORS = {
+    502: ("Bad Gateway", "bad_gateway", "the API instance closed the connection"),
+    503: ("Service Unavailable", "unavailable", "no API instance is ready"),
+    504: ("Gateway Timeout", "gateway_timeout", "the API instance did not answer in time"),
+}
 
 
 class HaProxy:
@@ -45,6 +55,22 @@ class HaProxy:
     def socket_path(self) -> Path:
         return self.root / "admin.sock"
 
+    def _write_errorfiles(self) -> str:
+        lines = ""
+        for status, (reason, code, message) in ERRORS.items():
+            body = json.dumps({"code": code, "message": message}).encode()
+            head = (
+                f"HTTP/1.1 {status} {reason}\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + ("Retry-After: 1\r\n" if status == 503 else "")
+                + "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+            )
+            path = self.root / f"{status}.http"
+            path.write_bytes(head.encode() + body)
+            lines += f"    errorfile {status} {path}\n"
+        return lines
+
     def write_config(self) -> None:
         """Round-robin, /readyz checks every second, redispatch and retries on connect failure.
 
@@ -75,6 +101,7 @@ class HaProxy:
             "    timeout http-request 10s\n"
             "    timeout queue 5s\n"
             "    timeout check 1s\n"
+            f"{self._write_errorfiles()}"
             "\nfrontend api\n"
             f"    bind 127.0.0.1:{self.port}\n"
             "    default_backend apis\n"

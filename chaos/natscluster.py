@@ -165,8 +165,10 @@ class NatsCluster:
         seen = [view for view in views.values() if view is not None]
         if not seen:
             return None
-        leader = next((v["cluster"].get("leader") for v in seen if v.get("cluster")), None)
-        return views.get(leader) or seen[0] if leader else seen[0]
+        leaders = [v.get("cluster", {}).get("leader") for v in seen]
+        leader = next((name for name in leaders if name), None)
+        view = views.get(leader) if leader else None
+        return view if view is not None else seen[0]
 
     @staticmethod
     def _stream_view(node: NatsNode, stream: str) -> dict[str, Any] | None:
@@ -189,6 +191,12 @@ class NatsCluster:
             return None
         leader = info.get("cluster", {}).get("leader")
         return str(leader) if leader else None
+
+    def wait_leader_known(self, stream: str, timeout: float = 15) -> str:
+        """The stream's leader, waiting (bounded) while it is being elected."""
+        return procs.wait_until(
+            f"stream {stream} has a leader", lambda: self._leader_seen_by_live(stream), timeout
+        )[0]
 
     def wait_stream_leader(self, stream: str, old: str | None, timeout: float = 30) -> float:
         """Seconds from the last kill until a live server other than `old` leads the stream."""

@@ -232,9 +232,7 @@ async def _nats_leg(topo: Topology, out: dict[str, Any]) -> None:
         )
         for i in range(1, 11):
             await _publish_until_acked(js, f"m-{i}", 10)
-        leader = out["killed_leader"] = await asyncio.to_thread(cluster.stream_leader, STREAM)
-        if leader is None:
-            raise RuntimeError("stream has no leader")
+        leader = out["killed_leader"] = await asyncio.to_thread(cluster.wait_leader_known, STREAM)
         await asyncio.to_thread(cluster.kill, leader)
         watch = asyncio.create_task(
             asyncio.to_thread(cluster.wait_stream_leader, STREAM, leader, 60)
@@ -286,7 +284,18 @@ def _get(url: str) -> tuple[int, str]:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, ""
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _all_backends_down(topo: Topology, url: str) -> tuple[int, str]:
+    """What a client gets with every backend SIGKILLed (then they are started again)."""
+    for app in topo.apis:
+        topo.kill_app(app.name)
+    answer = _get(url)
+    for app in topo.apis:
+        topo.restart_app(app.name)
+    topo.haproxy.wait_backends_up(len(topo.apis), 30)
+    return answer
 
 
 def check_haproxy(topo: Topology) -> dict[str, Any]:
@@ -302,10 +311,12 @@ def check_haproxy(topo: Topology) -> dict[str, Any]:
     )[1]
     topo.restart_app("api1")
     back_up_s = topo.haproxy.wait_backends_up(2, 30)
+    none_left = _all_backends_down(topo, url)
     balanced = len(set(seen)) == 2
     all_ok = all(status == 200 for status, _ in during)
     return {
-        "ok": balanced and all_ok,
+        "ok": balanced and all_ok and none_left[0] == 503 and '"unavailable"' in none_left[1],
+        "with_no_backend": none_left,
         "backends_up_s": round(up_s, 2),
         "round_robin": seen,
         "answered_200_with_backend_killed": sum(status == 200 for status, _ in during),

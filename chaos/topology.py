@@ -257,9 +257,7 @@ class Topology:
 
     def kill_nats_stream_leader(self, stream: str) -> str:
         """SIGKILL the server leading `stream`; its name."""
-        leader = self.nats.stream_leader(stream)
-        if leader is None:
-            raise RuntimeError(f"stream {stream} has no leader")
+        leader = self.nats.wait_leader_known(stream)
         self.nats.kill(leader)
         return leader
 
