@@ -33,6 +33,29 @@ class FakeClock:
         self.offset += timedelta(seconds=seconds)
 
 
+def with_database(server_url: str, database: str) -> str:
+    """The URL of another database on the same server."""
+    scheme, _, rest = server_url.partition("://")
+    location, _, query = rest.partition("?")
+    hosts = location.split("/", 1)[0]
+    return f"{scheme}://{hosts}/{database}" + (f"?{query}" if query else "")
+
+
+def server_address(url: str) -> tuple[str, int, str]:
+    """(host or socket directory, port, database) of a one-host postgresql:// URL."""
+    _, _, rest = url.partition("://")
+    location, _, query = rest.partition("?")
+    hosts, _, database = location.partition("/")
+    parameters = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+    host_port = hosts.rsplit("@", 1)[-1]
+    host, _, port = host_port.partition(":")
+    return (
+        parameters.get("host") or host or "127.0.0.1",
+        int(parameters.get("port") or port or 5432),
+        database or "postgres",
+    )
+
+
 def make_settings(database_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "database_url": database_url,

@@ -1,22 +1,18 @@
-"""Real `orders-api serve` processes and scratch databases (fuzz, hardening, fault tests)."""
+"""Real `orders-api serve` processes (fuzz, hardening, fault and e2e tests)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import httpx
-from sqlalchemy.engine import make_url
 
 from tests.helpers import PROJECT_ROOT, free_port
 
@@ -32,9 +28,11 @@ class LiveServer:
     port: int
     log_path: Path
 
+    host = "127.0.0.1"
+
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -84,31 +82,44 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def server_env(database_url: str | None, **env: str) -> dict[str, str]:
+    """The environment of an `orders-api` process: DATABASE_URL, or with None none at all (the
+    embedded PostgreSQL of its working folder), and nothing inherited that would redirect it."""
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "EMBEDDED_PG_DIR", "MIGRATE_ON_START")
+    }
+    environment["LOG_LEVEL"] = "WARNING"
+    if database_url is not None:
+        environment["DATABASE_URL"] = database_url
+    environment.update(env)
+    return environment
+
+
 def start_server(
-    database_url: str,
+    database_url: str | None,
     log_dir: Path,
     *,
     workers: int = 2,
     timeout: float = 60,
+    cwd: Path = PROJECT_ROOT,
     **env: str,
 ) -> LiveServer:
-    """`orders-api serve --workers N` on a free port, as the README runs it; waits for health."""
+    """`orders-api serve --workers N` on a free port, as the README runs it; waits for health.
+
+    With `database_url` None the server runs on the embedded PostgreSQL in `cwd`/.data/pg.
+    """
     port = free_port()
     metrics_dir = log_dir / f"metrics-{port}"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
-    environment = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "LOG_LEVEL": "WARNING",
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        **env,
-    }
+    environment = server_env(database_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), **env)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [ORDERS_API, "serve", "--port", str(port), "--workers", str(workers)],
             env=environment,
-            cwd=PROJECT_ROOT,
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -138,7 +149,9 @@ def wait_until_healthy(server: LiveServer, timeout: float = 60) -> None:
 
 
 @contextmanager
-def running_server(database_url: str, log_dir: Path, **kwargs: str | int) -> Iterator[LiveServer]:
+def running_server(
+    database_url: str | None, log_dir: Path, **kwargs: str | int | Path
+) -> Iterator[LiveServer]:
     server = start_server(database_url, log_dir, **kwargs)  # type: ignore[arg-type]
     try:
         yield server
@@ -149,52 +162,9 @@ def running_server(database_url: str, log_dir: Path, **kwargs: str | int) -> Ite
 def migrate(database_url: str) -> None:
     subprocess.run(
         [ORDERS_API, "migrate"],
-        env={**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"},
+        env=server_env(database_url),
         cwd=PROJECT_ROOT,
         check=True,
         capture_output=True,
         timeout=60,
     )
-
-
-def _plain(url: str, database: str | None = None) -> str:
-    parsed = make_url(url).set(drivername="postgresql")
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
-async def _admin(server_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(_plain(server_url))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@contextmanager
-def scratch_postgres_database(server_url: str) -> Iterator[str]:
-    """A fresh, migrated database on the PostgreSQL server `server_url`; dropped afterwards."""
-    name = f"orders_hard_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = _plain(server_url, name)
-    try:
-        migrate(url)
-        yield url
-    finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@contextmanager
-def scratch_database(backend: str, tmp_dir: Path) -> Iterator[str]:
-    """A migrated database of the backend: a SQLite file in tmp_dir or a PostgreSQL database."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_dir / 'orders.db'}"
-        migrate(url)
-        yield url
-        return
-    server_url = os.environ.get("TEST_DATABASE_URL", "")
-    if not server_url:
-        raise RuntimeError("the postgresql backend needs TEST_DATABASE_URL")
-    with scratch_postgres_database(server_url) as url:
-        yield url

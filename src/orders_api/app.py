@@ -1,4 +1,17 @@
-"""create_app(settings): lifespan, routers, middleware, error handlers."""
+"""create_app(settings): lifespan, routes, middleware, error handlers.
+
+Every request takes one path, built from public Starlette and FastAPI pieces:
+
+    [OpenTelemetry ASGI middleware, when tracing]
+    RequestContextMiddleware      request id, size limits, metrics, access log of failures
+    ServerErrorMiddleware         a bug -> the bland 500 (and on up to the server's log)
+    ExceptionMiddleware           AppError / database errors -> {code, message}
+    Router                        the orders routes, straight to their endpoints;
+      default -> FastAPI          everything else: ops routes, docs, 404, 405
+
+The orders endpoints take only the Request, so they skip FastAPI's per-request routing and
+dependency layers; FastAPI still has them registered and documents them in /openapi.json.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +19,42 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Request
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
-from sqlalchemy import event, text
+from pydantic import BaseModel
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import BaseRoute, Match, Route, Router
+from starlette.types import ASGIApp, Scope
 
 from orders_api import idempotency
 from orders_api.config import Settings
-from orders_api.db import create_engine
-from orders_api.errors import ErrorBody, error_body, install_error_handlers
+from orders_api.db import DatabaseUrlError, parse_database_url
+from orders_api.errors import (
+    EXCEPTION_HANDLERS,
+    ErrorBody,
+    error_body,
+    server_error_handler,
+)
 from orders_api.observability import (
-    POOL_IN_USE,
     RequestContextMiddleware,
     configure_logging,
     metrics_endpoint,
-    setup_tracing,
+    tracer_provider_for,
 )
-from orders_api.orders import pg as orders_pg
+from orders_api.openapi import openapi_for
 from orders_api.orders.router import router as orders_router
-from orders_api.orders.service import Backend
-from orders_api.routing import DirectRoutes
-from orders_api.tenancy import JwtVerifier
+from orders_api.orders.service import OrderService
+from orders_api.orders.store import OrderStore
+from orders_api.outbox import RelayWakeUp
+from orders_api.pagination import CursorSecret
+from orders_api.pool import Pool
+from orders_api.tenancy import tenancy_for
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -44,159 +68,178 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class DirectRoute(Route):
+    """A route of the front Router that takes only its own methods: a request with another
+    method is no match at all, so it goes on to FastAPI, which answers the 405 with Allow."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        return (Match.NONE, {}) if match is Match.PARTIAL else (match, child_scope)
+
+
 def create_app(
     settings: Settings | None = None,
     clock: Clock = utc_now,
     tracer_provider: TracerProvider | None = None,
-) -> FastAPI:
+) -> ASGIApp:
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    tracing = tracer_provider is not None or settings.otel_exporter != "none"
+    if not settings.database_url:
+        raise DatabaseUrlError(
+            "DATABASE_URL is not set: `orders-api serve` provides the embedded PostgreSQL"
+        )
+    parse_database_url(settings.database_url)  # a wrong URL fails here, not per request
+    tenancy = tenancy_for(settings)
+    provider = tracer_provider or tracer_provider_for(settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings)
-        _count_pool_usage(engine)
-        state = app.state
-        state.engine = engine
-        state.reader = engine.execution_options(readonly=True)
-        pg = None if settings.is_sqlite else await orders_pg.connect(settings)
-        state.backend = Backend(engine, state.reader, pg)
-        state.cursor_secret = settings.cursor_secret.encode() or None
-        setup_tracing(
-            app, engine, settings.otel_exporter, settings.otel_service_name, tracer_provider
-        )
-        if pg is not None and tracing:
-            pg.trace_with(tracer_provider)
-        purge = asyncio.create_task(_purge_keys_forever(state, settings))
+    async def lifespan(_app: object) -> AsyncIterator[dict[str, Any]]:
+        pool = Pool.from_settings("api", settings)
         try:
-            yield
-        finally:
-            purge.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purge
-            if pg is not None:
-                await pg.pool.close()
-            await engine.dispose()
+            secret = CursorSecret(pool, settings.cursor_secret)
+            if provider is not None:  # a CLIENT span per statement
+                from opentelemetry.trace import get_tracer
 
-    app = OrdersAPI(
+                pool.tracer = get_tracer("orders_api.pool", tracer_provider=provider)
+            window = timedelta(seconds=settings.idempotency_window_seconds)
+            store = OrderStore(pool)
+            wake_relay = RelayWakeUp(store.wake_relay)
+            orders = OrderService(store, clock, window, secret, wake_relay)
+            purge = asyncio.create_task(_purge_keys_forever(pool, clock, window, settings))
+            try:
+                yield {"orders": orders, "tenancy": tenancy, "pool": pool}
+            finally:
+                purge.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purge
+                await wake_relay.close()
+        finally:
+            await pool.close()
+
+    api = FastAPIOffline(
         title="orders-api",
         version="0.1.0",
         description="Multi-tenant orders: idempotent create, optimistic locking, "
         "keyset pagination, transactional outbox.",
-        lifespan=lifespan,
-        responses={422: {"model": ErrorBody, "description": "never sent: see 400"}},
-        # FastAPI's native OpenTelemetry checks the global providers on every request; with
-        # tracing off (the default) that is settled here, once.
-        telemetry=None if tracing else {"tracing": False, "metrics": False, "logs": False},
-        docs_url=None,
-        redoc_url=None,
+        servers=[{"url": "/", "description": "the server that serves this document"}],
+        license_info={"name": "Proprietary"},
+        openapi_tags=[
+            {"name": "orders", "description": "Orders of the caller's tenant"},
+            {"name": "ops", "description": "Health, readiness and metrics (no tenant)"},
+        ],
+        # FastAPI's native OpenTelemetry would check the global providers on every request:
+        # tracing, when on, is the ASGI middleware in front of everything.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+        exception_handlers={**EXCEPTION_HANDLERS, Exception: server_error_handler},
     )
-    _serve_docs_offline(app)
-    app.state.settings = settings
-    app.state.clock = clock
-    app.state.idempotency_window = timedelta(seconds=settings.idempotency_window_seconds)
-    app.state.jwt_verifier = JwtVerifier(settings) if settings.auth_mode == "jwt" else None
-    install_error_handlers(app)
-    app.include_router(orders_router)
-    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["ops"])
-    app.add_api_route(
-        "/readyz", readyz, methods=["GET"], tags=["ops"], responses={503: {"model": ErrorBody}}
+    api.include_router(orders_router)
+    no_tenant: dict[str, Any] = {"security": []}  # the ops routes answer anyone
+    api.add_api_route(
+        "/healthz",
+        healthz,
+        methods=["GET"],
+        tags=["ops"],
+        operation_id="healthz",
+        summary="Liveness",
+        response_model=None,
+        responses={200: {"model": Health, "description": "The process is up"}},
+        openapi_extra=no_tenant,
     )
-    app.add_api_route(
+    api.add_api_route(
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        tags=["ops"],
+        operation_id="readyz",
+        summary="Readiness",
+        responses={
+            200: {"model": Readiness, "description": "The database answers"},
+            503: {"model": ErrorBody, "description": "`unavailable`: it does not, within 2 s"},
+        },
+        openapi_extra=no_tenant,
+    )
+    api.add_api_route(
         "/metrics",
         metrics_endpoint,
         methods=["GET"],
         tags=["ops"],
+        operation_id="metrics",
+        summary="Prometheus metrics",
         response_class=PlainTextResponse,
         responses={200: {"description": "Prometheus text exposition format"}},
+        openapi_extra=no_tenant,
     )
-    _document_parameters_as_strings(app)
-    app.front = RequestContextMiddleware(
-        # With tracing on, the instrumentation's middleware inside FastAPI sees every request.
-        DirectRoutes(
-            app.behind_front, [] if tracing else orders_router.routes, app.exception_handlers
+    # FastAPI's documented way to extend the document: replace the method that builds it.
+    api.openapi = openapi_for(api, settings)  # type: ignore[method-assign]
+    direct = [
+        DirectRoute(route.path, route.endpoint, methods=list(route.methods or ()), name=route.name)
+        for route in orders_router.routes
+        if isinstance(route, APIRoute)
+    ]
+    front = Router(routes=direct, default=api, lifespan=lifespan)
+    app: ASGIApp = RequestContextMiddleware(
+        ServerErrorMiddleware(
+            ExceptionMiddleware(front, handlers=EXCEPTION_HANDLERS),
+            handler=server_error_handler,
         ),
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )
+    if provider is not None:
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        app = OpenTelemetryMiddleware(
+            app,
+            tracer_provider=provider,
+            default_span_details=_span_details([*direct, *api.router.routes]),
+        )
     return app
 
 
-class OrdersAPI(FastAPI):
-    """FastAPI with the request context and the orders routes in front of it.
+def _span_details(routes: list[BaseRoute]) -> Callable[[Scope], tuple[str, dict[str, Any]]]:
+    """Server spans named by method and route template, as FastAPI's instrumentation does.
 
-    Every HTTP request first passes `front`: RequestContextMiddleware (request id, size
-    limits, metrics, the access log of failures), then DirectRoutes, which serves the orders
-    routes itself and hands anything else to FastAPI as usual (router, documentation,
-    404/405, its own 500 handling). The orders routes so skip FastAPI's and Starlette's
-    per-request layers, and every response, 500s included, leaves through the request
-    context.
-    """
+    Only routes with a template count: FastAPI's included router matches the orders paths
+    too, but has none (it would name spans after the raw path, one name per order)."""
 
-    front: ASGIApp | None = None
+    def details(scope: Scope) -> tuple[str, dict[str, Any]]:
+        method = scope.get("method", "HTTP")
+        for route in routes:
+            path = getattr(route, "path", None)
+            if isinstance(path, str) and route.matches(scope)[0] is Match.FULL:
+                return f"{method} {path}", {"http.route": path}
+        return method, {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.front is not None and scope["type"] == "http":
-            scope["app"] = self
-            await self.front(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
-
-    async def behind_front(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """FastAPI itself: where `front` passes what it does not serve."""
-        await super().__call__(scope, receive, send)
+    return details
 
 
-def _serve_docs_offline(app: FastAPI) -> None:
-    """/docs (Swagger UI) and /redoc with their scripts and styles served from here, no CDN:
-    the routes fastapi-offline builds, taken from an app it makes for the purpose."""
-    docs = FastAPIOffline(title=app.title, openapi_url=app.openapi_url)
-    app.router.routes.extend(
-        route for route in docs.router.routes if getattr(route, "path", None) != app.openapi_url
-    )
-
-
-def _document_parameters_as_strings(app: FastAPI) -> None:
-    """An optional header or query parameter is absent or a string, never JSON null: drop the
-    `anyOf [..., null]` that `str | None` produces, so clients and fuzzers never send "null"."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            for operations in schema["paths"].values():
-                for operation in operations.values():
-                    for parameter in operation.get("parameters", []):
-                        _drop_null_branch(parameter["schema"])
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _drop_null_branch(schema: dict[str, Any]) -> None:
-    branches = [branch for branch in schema.get("anyOf", []) if branch != {"type": "null"}]
-    if "anyOf" in schema and len(branches) == 1:
-        del schema["anyOf"]
-        schema.update(branches[0])
-
-
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> ASGIApp:
     """Factory for uvicorn workers: each reads the same environment."""
     return create_app(Settings())
 
 
+class Health(BaseModel):
+    """The answer of /healthz."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """The answer of /readyz when the database answers."""
+
+    status: Literal["ready"]
+
+
 async def healthz() -> dict[str, str]:
-    """The process is up."""
+    """The process is up (the database is not asked)."""
     return {"status": "ok"}
 
 
 async def readyz(request: Request) -> Response:
-    """The database answers."""
+    """The pool that serves requests gets an answer from the database within 2 s."""
+    pool: Pool = request.state.pool
     try:
-        async with request.app.state.reader.connect() as conn:
-            await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
+        await pool.ping(within=2)
     except Exception as exc:
         log.warning("not ready", error=type(exc).__name__)
         return Response(
@@ -207,25 +250,14 @@ async def readyz(request: Request) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
-def _count_pool_usage(engine: Any) -> None:
-    pool_events = engine.sync_engine.pool
-
-    @event.listens_for(pool_events, "checkout")
-    def _checkout(*_: Any) -> None:
-        POOL_IN_USE.inc()
-
-    @event.listens_for(pool_events, "checkin")
-    def _checkin(*_: Any) -> None:
-        POOL_IN_USE.dec()
-
-
-async def _purge_keys_forever(state: Any, settings: Settings) -> None:
+async def _purge_keys_forever(
+    pool: Pool, clock: Clock, window: timedelta, settings: Settings
+) -> None:
     """Expired idempotency keys are deleted in the background by every worker (cheap, batched)."""
-    window = timedelta(seconds=settings.idempotency_window_seconds)
     while True:
         await asyncio.sleep(settings.idempotency_purge_interval_seconds)
         try:
-            removed = await idempotency.purge_expired_keys(state.engine, window, state.clock())
+            removed = await idempotency.purge_expired_keys(pool, window, clock())
         except Exception as exc:  # an outage must not end the loop; the next round retries
             log.warning("idempotency purge failed", error=type(exc).__name__)
         else:

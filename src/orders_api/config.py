@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-DEFAULT_SQLITE_PATH = Path(".data") / "orders.db"
-
-
-def normalise_database_url(url: str | None) -> str:
-    """Add the async driver to a plain URL; no URL means the embedded SQLite file."""
-    if not url:
-        return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"
-    for plain, driver in (
-        ("postgresql://", "postgresql+asyncpg://"),
-        ("postgres://", "postgresql+asyncpg://"),
-        ("sqlite://", "sqlite+aiosqlite://"),
-    ):
-        if url.startswith(plain):
-            return driver + url[len(plain) :]
-    return url
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
 
-    database_url: str = Field(default="", description="postgresql://… or sqlite:///path")
+    database_url: str = Field(
+        default="", description="postgresql://…; unset: the embedded PostgreSQL in EMBEDDED_PG_DIR"
+    )
+    embedded_pg_dir: str = ".data/pg"
     db_pool_size: int = Field(default=10, ge=1)
     db_statement_timeout_ms: int = Field(default=5000, ge=100)
     db_lock_timeout_ms: int = Field(default=3000, ge=100)
-    sqlite_busy_timeout_ms: int = Field(default=5000, ge=100)
+    db_idle_lifetime_seconds: float = Field(default=300.0, gt=0)
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     migrate_on_start: bool | None = None
 
     idempotency_window_seconds: int = Field(default=3600, ge=1)
@@ -57,6 +44,7 @@ class Settings(BaseSettings):
 
     nats_url: str = ""
     relay_stream: str = "ORDERS"
+    relay_stream_replicas: int = Field(default=1, ge=1, le=5)
     relay_subject_prefix: str = "orders"
     relay_batch_size: int = Field(default=100, ge=1, le=10_000)
     relay_poll_interval_ms: int = Field(default=500, ge=10)
@@ -72,17 +60,3 @@ class Settings(BaseSettings):
     relay_lease_seconds: float = Field(default=30.0, gt=0)
     relay_reconnect_wait_ms: int = Field(default=1000, ge=10)
     relay_retention_interval_seconds: float = Field(default=300.0, gt=0)
-
-    @field_validator("database_url", mode="after")
-    @classmethod
-    def _add_driver(cls, value: str) -> str:
-        return normalise_database_url(value)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
-    def should_migrate_on_start(self) -> bool:
-        """The embedded default migrates itself; PostgreSQL is migrated by `orders-api migrate`."""
-        return self.is_sqlite if self.migrate_on_start is None else self.migrate_on_start

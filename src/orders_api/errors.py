@@ -19,13 +19,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 import orjson
 import structlog
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -127,48 +126,55 @@ def error_response(error: AppError) -> Response:
     )
 
 
-# SQLSTATEs that mean "the database could not do it now", not "the request is wrong".
-_LOCK_NOT_AVAILABLE = "55P03"
-_QUERY_CANCELED = "57014"
-# SQLite primary result codes for a database file that cannot be opened or used right now:
-# SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN (an outage of the embedded database, not a bug).
-_SQLITE_FILE_UNUSABLE = frozenset({10, 13, 14})
+class ReplicationNotConfirmed(Exception):
+    """A commit whose wait for the synchronous standby was cancelled (statement timeout,
+    cancel request, shutdown): it is visible on this server but a failover may lose it, so it
+    must not be acknowledged."""
 
 
-def database_error(exc: DBAPIError | PoolTimeout) -> AppError | None:
-    """Translate a driver failure into the error the client should see, or None for a bug."""
-    if isinstance(exc, PoolTimeout):
-        return Unavailable("database busy, retry later", headers={"Retry-After": "1"})
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+# What the driver raises when the database could not do it now (or is gone): each is
+# translated by database_error; anything else is a bug (500).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a pooled connection the server dropped mid-protocol
+    OSError,
+    TimeoutError,
+    ReplicationNotConfirmed,
+)
+_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout
+_QUERY_CANCELED = "57014"  # statement_timeout
+# Shutdown, crash, starting up, too many connections, a write on a standby (failover).
+_UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "25006"})
+
+
+def database_error(exc: BaseException) -> AppError | None:
+    """The error the client should see for a driver failure, or None when it is a bug."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
     if sqlstate == _LOCK_NOT_AVAILABLE:
         return request_in_progress()
     if sqlstate == _QUERY_CANCELED:
         return Unavailable("database statement timed out", headers={"Retry-After": "1"})
-    message = str(exc.orig).lower()
-    if isinstance(exc, OperationalError) and ("locked" in message or "busy" in message):
+    if isinstance(exc, TimeoutError):
         return Unavailable("database busy, retry later", headers={"Retry-After": "1"})
-    if exc.connection_invalidated or _is_connection_error(exc.orig):
-        return Unavailable("database unavailable", headers={"Retry-After": "1"})
-    if ((getattr(exc.orig, "sqlite_errorcode", 0) or 0) & 0xFF) in _SQLITE_FILE_UNUSABLE:
+    if isinstance(exc, ReplicationNotConfirmed):
+        return Unavailable(
+            "the change is not confirmed by the standby yet; retry with the same request",
+            headers={"Retry-After": "1"},
+        )
+    if (
+        isinstance(
+            exc,
+            OSError
+            | asyncpg.PostgresConnectionError
+            | asyncpg.InterfaceError
+            | asyncpg.InternalClientError,
+        )
+        or sqlstate.startswith("08")
+        or sqlstate in _UNAVAILABLE_STATES
+    ):
         return Unavailable("database unavailable", headers={"Retry-After": "1"})
     return None
-
-
-def _is_connection_error(orig: BaseException | None) -> bool:
-    if orig is None:
-        return False
-    if isinstance(orig, OSError | ConnectionError):
-        return True
-    name = type(orig).__name__
-    return name in {
-        "ConnectionDoesNotExistError",
-        "ConnectionFailureError",
-        "CannotConnectNowError",
-        "InterfaceError",
-        "AdminShutdownError",
-        "CrashShutdownError",
-        "TooManyConnectionsError",
-    } or (getattr(orig, "sqlstate", "") or "").startswith("08")
 
 
 def validation_failed(
@@ -183,19 +189,23 @@ def validation_failed(
 
 
 def allowed_methods(request: Request, fallback: str) -> str:
-    """Every method routed on this path (from the OpenAPI paths), for the Allow header."""
-    table: list[tuple[re.Pattern[str], str]] | None = getattr(request.app.state, "allow", None)
+    """Every method routed on this path (from the OpenAPI paths, else the router's `fallback`),
+    and HEAD wherever GET is (the request context serves HEAD as GET without the body)."""
+    table: list[tuple[re.Pattern[str], list[str]]] | None = getattr(
+        request.app.state, "allow", None
+    )
     if table is None:
         table = [
-            (
-                re.compile(re.sub(r"\{[^/]+\}", "[^/]+", path)),
-                ", ".join(sorted(map(str.upper, ops))),
-            )
+            (re.compile(re.sub(r"\{[^/]+\}", "[^/]+", path)), [m.upper() for m in ops])
             for path, ops in request.app.openapi()["paths"].items()
         ]
         request.app.state.allow = table
     path = request.url.path
-    return next((methods for pattern, methods in table if pattern.fullmatch(path)), fallback)
+    found = next((methods for pattern, methods in table if pattern.fullmatch(path)), None)
+    methods = set(found if found is not None else fallback.replace(" ", "").split(","))
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods - {""}))
 
 
 _STATUS_CODES = {
@@ -211,50 +221,49 @@ _STATUS_CODES = {
 }
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(AppError)
-    async def _app_error(_request: Request, exc: AppError) -> Response:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_failed(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 405:
-            allow = allowed_methods(request, (exc.headers or {}).get("Allow", ""))
-            return error_response(MethodNotAllowed("method not allowed", headers={"Allow": allow}))
-        cls = _STATUS_CODES.get(exc.status_code)
-        if cls is None:
-            return error_response(AppError("internal error"))
-        message = "resource not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(cls(message, headers=dict(exc.headers or {}) or None))
-
-    @app.exception_handler(DBAPIError)
-    async def _dbapi(request: Request, exc: DBAPIError) -> Response:
-        return _database_failure(request, exc)
-
-    @app.exception_handler(PoolTimeout)
-    async def _pool(request: Request, exc: PoolTimeout) -> Response:
-        return _database_failure(request, exc)
-
-    @app.exception_handler(OSError)
-    async def _os(request: Request, exc: OSError) -> Response:
-        # asyncpg raises plain OSError / ConnectionRefusedError when it cannot connect.
-        log.warning("database connection failed", error=type(exc).__name__)
-        return error_response(Unavailable("database unavailable", headers={"Retry-After": "1"}))
-
-    @app.exception_handler(Exception)
-    async def _bug(_request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(AppError("internal error"))
+async def app_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return error_response(exc)
 
 
-def _database_failure(_request: Request, exc: DBAPIError | PoolTimeout) -> Response:
+async def database_error_handler(_request: Request, exc: Exception) -> Response:
     error = database_error(exc)
     if error is None:
         log.error("database error", exc_info=exc)
         return error_response(AppError("internal error"))
-    log.warning("database unavailable", error=error.message)
+    log.warning("database unavailable", error=error.message, cause=type(exc).__name__)
     return error_response(error)
+
+
+async def request_validation_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(validation_failed(exc.errors()))
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown route, 405) in our shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        allow = allowed_methods(request, (exc.headers or {}).get("Allow", ""))
+        return error_response(MethodNotAllowed("method not allowed", headers={"Allow": allow}))
+    cls = _STATUS_CODES.get(exc.status_code)
+    if cls is None:
+        return error_response(AppError("internal error"))
+    message = "resource not found" if exc.status_code == 404 else str(exc.detail)
+    return error_response(cls(message, headers=dict(exc.headers or {}) or None))
+
+
+async def server_error_handler(_request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback (and the request id), answered with a bland 500."""
+    log.error("unhandled error", exc_info=exc)
+    return error_response(AppError("internal error"))
+
+
+# Handlers by exception class, for every layer that dispatches requests (FastAPI and the
+# orders routes in front of it); the 500 handler is the server-error middleware's.
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    AppError: app_error_handler,
+    RequestValidationError: request_validation_handler,
+    StarletteHTTPException: http_exception_handler,
+    **dict.fromkeys(DATABASE_ERRORS, database_error_handler),
+}

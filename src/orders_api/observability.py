@@ -16,7 +16,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -28,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
 
+
+from orders_api.config import Settings
 from orders_api.errors import PayloadTooLarge, ValidationFailed, error_response
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -40,15 +41,16 @@ LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-_IDEMPOTENCY = Counter("orders_api_idempotency_total", "Idempotent creates by outcome", ["outcome"])
-IDEMPOTENCY = {
-    outcome: _IDEMPOTENCY.labels(outcome) for outcome in ("created", "replayed", "conflict")
-}
-POOL_IN_USE = Gauge(
-    "orders_api_db_pool_connections_in_use",
-    "Database connections checked out of the pool",
-    multiprocess_mode="livesum",
+_IDEMPOTENCY = Counter(
+    "orders_api_idempotency_total",
+    "Requests with an Idempotency-Key by operation and outcome",
+    ["operation", "outcome"],
 )
+IDEMPOTENCY = {
+    (operation, outcome): _IDEMPOTENCY.labels(operation, outcome)
+    for operation in ("create", "confirm", "close")
+    for outcome in ("created", "replayed", "conflict")
+}
 
 log = structlog.get_logger("orders_api.access")
 # The request being served (set by RequestContextMiddleware): on every log line and on 500s.
@@ -145,12 +147,19 @@ class RequestContextMiddleware:
         REQUEST_ID.set(request_id)
         id_header = (b"x-request-id", request_id.encode())
         status = 500
+        method = scope["method"]
+        head = method == "HEAD"
+        if head:
+            # HEAD is GET without the body (RFC 9110), on every GET route.
+            scope = {**scope, "method": "GET"}
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), id_header]}
+            elif head and message.get("body"):
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -173,7 +182,6 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
             key = (method, template, status)
             children = self._metrics.get(key)
             if children is None:
@@ -238,24 +246,13 @@ async def metrics_endpoint(_request: Request) -> Response:
     return Response(payload, media_type=CONTENT_TYPE_LATEST)
 
 
-def setup_tracing(
-    app: Any,
-    engine: Any,
-    exporter: str,
-    service_name: str,
-    provider: TracerProvider | None = None,
-) -> None:
-    """A span around each handler (FastAPI) and each SQL statement (SQLAlchemy).
-
-    Off by default: with OTEL_EXPORTER=none no instrumentation is installed at all, so the
-    hot path pays nothing; console or otlp (standard OTEL_EXPORTER_OTLP_* variables) turn it on.
-    A provider passed in (a test's in-memory exporter) is used as it is and not made global.
-    """
-    if exporter == "none" and provider is None:
-        return
+def tracer_provider_for(settings: Settings) -> TracerProvider | None:
+    """The span exporter OTEL_EXPORTER asks for (console, or otlp with the standard
+    OTEL_EXPORTER_OTLP_* variables), made the global provider; None when tracing is off, so
+    the request path carries no instrumentation at all."""
+    if settings.otel_exporter == "none":
+        return None
     from opentelemetry import trace
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
@@ -264,19 +261,16 @@ def setup_tracing(
         SpanExporter,
     )
 
-    if provider is None:
-        span_exporter: SpanExporter
-        if exporter == "console":
-            span_exporter = ConsoleSpanExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    span_exporter: SpanExporter
+    if settings.otel_exporter == "console":
+        span_exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            span_exporter = OTLPSpanExporter()
-        provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-        provider.add_span_processor(BatchSpanProcessor(span_exporter))
-        trace.set_tracer_provider(provider)
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
-    # The server sent the lifespan startup through the app, so its middleware stack is already
-    # built without the tracing middleware: drop it and the next request builds it anew.
-    app.middleware_stack = None
-    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine, tracer_provider=provider)
+        span_exporter = OTLPSpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": settings.otel_service_name})
+    )
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    trace.set_tracer_provider(provider)
+    return provider

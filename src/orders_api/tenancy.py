@@ -48,7 +48,9 @@ class JwtVerifier:
         else:
             raise ValueError(f"AUTH_MODE=jwt with {self.algorithm} needs a public key or JWKS file")
 
-    def tenant_of(self, authorization: str | None) -> str:
+    def tenant_of(self, request: Request) -> str:
+        """The tenant claim of the verified bearer token."""
+        authorization = request.headers.get("authorization")
         if not authorization:
             raise Unauthorized("missing bearer token")
         scheme, _, token = authorization.partition(" ")
@@ -79,28 +81,47 @@ class JwtVerifier:
         raise jwt.InvalidKeyError("unknown key id")
 
 
-TENANT_HEADER_DOC = "Tenant id (header auth mode; anything else is a 401)"
-# The header as /openapi.json documents it on every orders operation. Handlers read it with
+# How /openapi.json describes the tenant: one security scheme, applied to every orders
+# operation, whose definition follows the configured mode. Handlers read the tenant with
 # tenant_of(request), not through FastAPI's parameter resolution, which costs more per request
 # than the rest of a read.
-TENANT_PARAMETER: dict[str, Any] = {
-    "name": "X-Tenant-Id",
-    "in": "header",
-    "required": False,
-    "description": TENANT_HEADER_DOC,
-    "schema": {
-        "type": "string",
-        "title": "X-Tenant-Id",
-        "description": TENANT_HEADER_DOC,
-        "pattern": f"^{TENANT_PATTERN.pattern}$",
-    },
-}
+TENANT_SCHEME = "tenant"
+TENANT_SECURITY: list[dict[str, list[str]]] = [{TENANT_SCHEME: []}]
+
+
+def tenant_security_scheme(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI security scheme of the configured mode."""
+    if settings.auth_mode == "jwt":
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": f"An {settings.jwt_algorithm} JWT with an `exp` claim; the tenant is "
+            f"its `{settings.jwt_tenant_claim}` claim, matching `{TENANT_PATTERN.pattern}`. "
+            "Missing or invalid: 401.",
+        }
+    return {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Tenant-Id",
+        "description": "The tenant, set by a trusted gateway, matching "
+        f"`{TENANT_PATTERN.pattern}`. Missing or invalid: 401.",
+    }
+
+
+class HeaderTenancy:
+    """The tenant is X-Tenant-Id as sent (behind a trusted gateway)."""
+
+    def tenant_of(self, request: Request) -> str:
+        return valid_tenant(request.headers.get("x-tenant-id"))
+
+
+def tenancy_for(settings: Settings) -> HeaderTenancy | JwtVerifier:
+    return JwtVerifier(settings) if settings.auth_mode == "jwt" else HeaderTenancy()
 
 
 def tenant_of(request: Request) -> str:
-    """The tenant of the request (401 when missing or invalid): X-Tenant-Id, or the verified
-    bearer token's claim when AUTH_MODE=jwt."""
-    verifier: JwtVerifier | None = request.app.state.jwt_verifier
-    if verifier is not None:
-        return verifier.tenant_of(request.headers.get("authorization"))
-    return valid_tenant(request.headers.get("x-tenant-id"))
+    """The tenant of the request (401 when missing or invalid), by the configured mode that
+    the lifespan put in the request state."""
+    tenancy: HeaderTenancy | JwtVerifier = request.state.tenancy
+    return tenancy.tenant_of(request)

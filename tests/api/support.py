@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
-from sqlalchemy import Row, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders_api.db import orders, outbox
 from tests.helpers import auth
 
 
@@ -68,13 +67,13 @@ async def get_order(client: httpx.AsyncClient, tenant: str, order_id: str) -> di
     return body
 
 
-async def order_row(engine: AsyncEngine, order_id: str) -> Row[Any]:
-    async with engine.connect() as conn:
-        row = (await conn.execute(select(orders).where(orders.c.id == uuid.UUID(order_id)))).one()
+async def order_row(db: asyncpg.Pool, order_id: str) -> asyncpg.Record:
+    row = await db.fetchrow("SELECT * FROM orders WHERE id = $1", uuid.UUID(order_id))
+    assert row is not None
     return row
 
 
-async def outbox_rows(engine: AsyncEngine, order_id: str) -> list[Row[Any]]:
-    async with engine.connect() as conn:
-        result = await conn.execute(select(outbox).where(outbox.c.order_id == uuid.UUID(order_id)))
-        return list(result.all())
+async def outbox_rows(db: asyncpg.Pool, order_id: str) -> list[dict[str, Any]]:
+    """The order's outbox rows as dicts, the jsonb payload decoded."""
+    rows = await db.fetch("SELECT * FROM outbox WHERE order_id = $1", uuid.UUID(order_id))
+    return [{**row, "payload": json.loads(row["payload"])} for row in rows]

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders_api.db import idempotency_keys, orders
 from tests.helpers import FakeClock, auth
 
 
-async def count_orders(engine: AsyncEngine, tenant: str) -> int:
-    async with engine.connect() as conn:
-        value = await conn.scalar(
-            select(func.count()).select_from(orders).where(orders.c.tenant_id == tenant)
-        )
-    return int(value or 0)
+async def count_orders(db: asyncpg.Pool, tenant: str) -> int:
+    value = await db.fetchval("SELECT count(*) FROM orders WHERE tenant_id = $1", tenant)
+    return int(value)
 
 
-async def stored_key_count(engine: AsyncEngine, tenant: str) -> int:
-    async with engine.connect() as conn:
-        value = await conn.scalar(
-            select(func.count())
-            .select_from(idempotency_keys)
-            .where(idempotency_keys.c.tenant_id == tenant)
-        )
-    return int(value or 0)
+async def stored_key_count(db: asyncpg.Pool, tenant: str) -> int:
+    value = await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE tenant_id = $1", tenant)
+    return int(value)
 
 
 async def test_first_request_creates_a_draft(client: httpx.AsyncClient, tenant: str) -> None:
@@ -45,7 +35,7 @@ async def test_first_request_creates_a_draft(client: httpx.AsyncClient, tenant: 
 
 
 async def test_replay_returns_the_identical_response(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str
 ) -> None:
     headers = auth(tenant, Idempotency_Key="k-1", Content_Type="application/json")
     first = await client.post("/orders", headers=headers, content=b"{ }")
@@ -56,7 +46,7 @@ async def test_replay_returns_the_identical_response(
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.headers["Location"] == first.headers["Location"]
     assert replay.headers["ETag"] == first.headers["ETag"]
-    assert await count_orders(engine, tenant) == 1
+    assert await count_orders(db, tenant) == 1
 
 
 async def test_replay_ignores_later_changes_to_the_order(
@@ -77,7 +67,7 @@ async def test_replay_ignores_later_changes_to_the_order(
 
 
 async def test_different_body_with_same_key_is_a_conflict(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str
 ) -> None:
     headers = auth(tenant, Idempotency_Key="k-1")
     assert (await client.post("/orders", headers=headers)).status_code == 201
@@ -85,7 +75,7 @@ async def test_different_body_with_same_key_is_a_conflict(
     assert reused.status_code == 409
     assert reused.json()["code"] == "conflict"
     assert reused.json()["details"] == {"reason": "idempotency_key_reused"}
-    assert await count_orders(engine, tenant) == 1
+    assert await count_orders(db, tenant) == 1
 
 
 async def test_key_is_scoped_per_tenant(client: httpx.AsyncClient, tenant: str) -> None:
@@ -96,7 +86,7 @@ async def test_key_is_scoped_per_tenant(client: httpx.AsyncClient, tenant: str) 
 
 
 async def test_key_is_free_again_after_the_window(
-    client: httpx.AsyncClient, engine: AsyncEngine, clock: FakeClock, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, clock: FakeClock, tenant: str
 ) -> None:
     headers = auth(tenant, Idempotency_Key="k-1")
     first = await client.post("/orders", headers=headers)
@@ -106,18 +96,18 @@ async def test_key_is_free_again_after_the_window(
     again = await client.post("/orders", headers=headers, json={})
     assert again.status_code == 201
     assert again.json()["id"] != first.json()["id"]
-    assert await count_orders(engine, tenant) == 2
-    assert await stored_key_count(engine, tenant) == 1
+    assert await count_orders(db, tenant) == 2
+    assert await stored_key_count(db, tenant) == 1
 
 
 async def test_failed_validation_leaves_the_key_free(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str
 ) -> None:
     headers = auth(tenant, Idempotency_Key="k-1")
     invalid = await client.post("/orders", headers=headers, json={"unknown": 1})
     assert invalid.status_code == 400
     assert invalid.json()["code"] == "validation_error"
-    assert await stored_key_count(engine, tenant) == 0
+    assert await stored_key_count(db, tenant) == 0
     assert (await client.post("/orders", headers=headers)).status_code == 201
 
 
@@ -136,13 +126,13 @@ async def test_reuse_check_answers_before_body_validation(
     ["", "x" * 256, "has space", "caf\u00e9", "tab\there"],
 )
 async def test_invalid_keys_are_rejected(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str, key: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str, key: str
 ) -> None:
     headers = {b"X-Tenant-Id": tenant.encode(), b"Idempotency-Key": key.encode()}
     response = await client.post("/orders", headers=headers)
     assert response.status_code == 400
     assert response.json()["code"] == "validation_error"
-    assert await count_orders(engine, tenant) == 0
+    assert await count_orders(db, tenant) == 0
 
 
 async def test_missing_key_is_rejected(client: httpx.AsyncClient, tenant: str) -> None:
@@ -169,7 +159,7 @@ async def test_key_is_taken_verbatim(client: httpx.AsyncClient, tenant: str) -> 
 )
 async def test_bad_bodies_store_nothing(
     client: httpx.AsyncClient,
-    engine: AsyncEngine,
+    db: asyncpg.Pool,
     tenant: str,
     content: bytes,
     content_type: str,
@@ -180,8 +170,8 @@ async def test_bad_bodies_store_nothing(
     response = await client.post("/orders", headers=headers, content=content)
     assert response.status_code == status
     assert response.json()["code"] == code
-    assert await stored_key_count(engine, tenant) == 0
-    assert await count_orders(engine, tenant) == 0
+    assert await stored_key_count(db, tenant) == 0
+    assert await count_orders(db, tenant) == 0
 
 
 async def test_whitespace_body_counts_as_empty_object(

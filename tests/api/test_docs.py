@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from orders_api.orders import schemas
 from tests.api.support import assert_error, confirmed_order, create_order
-from tests.helpers import PROJECT_ROOT, auth
+from tests.helpers import PROJECT_ROOT, auth, free_port
 
 ORDER_PATH = "/orders/{order_id}"
 CONFIRM_PATH = "/orders/{order_id}/confirm"
@@ -112,7 +111,9 @@ def test_inputs_are_documented_as_validated(openapi: dict[str, Any]) -> None:
     paths = openapi["paths"]
     confirm_body = paths[CONFIRM_PATH]["patch"]["requestBody"]
     assert confirm_body["required"] is True
-    schema = confirm_body["content"]["application/json"]["schema"]
+    reference = confirm_body["content"]["application/json"]["schema"]
+    assert reference == {"$ref": "#/components/schemas/ConfirmOrderRequest"}
+    schema = openapi["components"]["schemas"]["ConfirmOrderRequest"]
     assert schema["required"] == ["totalCents"]
     assert schema["additionalProperties"] is False
     total = schema["properties"]["totalCents"]
@@ -125,9 +126,11 @@ def test_inputs_are_documented_as_validated(openapi: dict[str, Any]) -> None:
     limit = listing["limit"]["schema"]
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 100, 10)
     assert "cursor" in listing
+    # The tenant is a security scheme (the header, in the default mode) on every operation.
+    scheme = openapi["components"]["securitySchemes"]["tenant"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "X-Tenant-Id")
     for method, path in OPERATIONS:
-        names = {p["name"].lower() for p in paths[path][method].get("parameters", [])}
-        assert "x-tenant-id" in names, (method, path)  # header names are case-insensitive
+        assert paths[path][method]["security"] == [{"tenant": []}], (method, path)
     assert "if-match" in {p["name"].lower() for p in paths[CONFIRM_PATH]["patch"]["parameters"]}
     assert "if-match" in {p["name"].lower() for p in paths[CLOSE_PATH]["post"]["parameters"]}
 
@@ -341,22 +344,11 @@ async def test_docs_reference_only_local_assets_that_are_served(
     assert "SwaggerUIBundle" in script.text
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
-def docs_server(tmp_path: Path) -> Iterator[str]:
-    """A real uvicorn process serving the app (the database is not needed for the docs)."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'docs.db'}",
-        "LOG_LEVEL": "WARNING",
-    }
+def docs_server(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real uvicorn process serving the app on the session's database."""
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"}
     command = [
         sys.executable,
         "-m",

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
-from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from asgi_lifespan import LifespanManager
+from starlette.types import ASGIApp
 
 from orders_api.app import create_app
-from orders_api.db import idempotency_keys
-from orders_api.orders import service
+from orders_api.orders.service import OrderService
 from tests.api.support import assert_error, confirmed_order, create_order, get_order, outbox_rows
-from tests.conftest import TEST_DATABASE_URL
-from tests.helpers import auth, make_settings
+from tests.helpers import auth, free_port, make_settings, with_database
 
 MIB = 1024 * 1024
 SOME_ID = str(uuid.uuid4())
@@ -69,19 +63,19 @@ async def test_unknown_routes_are_not_found(
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("DELETE", "/orders", {"GET", "POST"}),
-        ("PUT", "/orders", {"GET", "POST"}),
-        ("PATCH", "/orders", {"GET", "POST"}),
-        ("DELETE", f"/orders/{SOME_ID}", {"GET"}),
-        ("POST", f"/orders/{SOME_ID}", {"GET"}),
-        ("PUT", f"/orders/{SOME_ID}", {"GET"}),
+        ("DELETE", "/orders", {"GET", "HEAD", "POST"}),
+        ("PUT", "/orders", {"GET", "HEAD", "POST"}),
+        ("PATCH", "/orders", {"GET", "HEAD", "POST"}),
+        ("DELETE", f"/orders/{SOME_ID}", {"GET", "HEAD"}),
+        ("POST", f"/orders/{SOME_ID}", {"GET", "HEAD"}),
+        ("PUT", f"/orders/{SOME_ID}", {"GET", "HEAD"}),
         ("GET", f"/orders/{SOME_ID}/confirm", {"PATCH"}),
         ("POST", f"/orders/{SOME_ID}/confirm", {"PATCH"}),
         ("GET", f"/orders/{SOME_ID}/close", {"POST"}),
         ("PATCH", f"/orders/{SOME_ID}/close", {"POST"}),
-        ("POST", "/healthz", {"GET"}),
-        ("DELETE", "/readyz", {"GET"}),
-        ("PUT", "/metrics", {"GET"}),
+        ("POST", "/healthz", {"GET", "HEAD"}),
+        ("DELETE", "/readyz", {"GET", "HEAD"}),
+        ("PUT", "/metrics", {"GET", "HEAD"}),
     ],
 )
 async def test_method_not_allowed_lists_every_method_of_the_path(
@@ -179,19 +173,14 @@ async def chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
         yield body[start : start + size]
 
 
-async def stored_keys(engine: AsyncEngine, tenant: str) -> int:
-    async with engine.connect() as conn:
-        value = await conn.scalar(
-            select(func.count())
-            .select_from(idempotency_keys)
-            .where(idempotency_keys.c.tenant_id == tenant)
-        )
-    return int(value or 0)
+async def stored_keys(db: asyncpg.Pool, tenant: str) -> int:
+    value = await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE tenant_id = $1", tenant)
+    return int(value)
 
 
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_body_over_one_mib_is_payload_too_large(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str, streamed: bool
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str, streamed: bool
 ) -> None:
     body = padded_empty_object(MIB + 1)
     request = client.build_request(
@@ -207,7 +196,7 @@ async def test_body_over_one_mib_is_payload_too_large(
         assert request.headers["content-length"] == str(MIB + 1)
     response = await client.send(request)
     assert_error(response, 413, "payload_too_large")
-    assert await stored_keys(engine, tenant) == 0
+    assert await stored_keys(db, tenant) == 0
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -225,7 +214,7 @@ async def test_body_of_exactly_one_mib_is_accepted(
 
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_oversized_confirm_and_close_change_nothing(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str, streamed: bool
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str, streamed: bool
 ) -> None:
     draft = await create_order(client, tenant)
     confirmed = await confirmed_order(client, tenant)
@@ -244,11 +233,11 @@ async def test_oversized_confirm_and_close_change_nothing(
     )
     assert_error(close, 413, "payload_too_large")
     assert (await get_order(client, tenant, confirmed["id"]))["status"] == "confirmed"
-    assert await outbox_rows(engine, confirmed["id"]) == []
+    assert await outbox_rows(db, confirmed["id"]) == []
 
 
 @pytest.fixture
-async def quiet_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+async def quiet_client(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
     """A client that, like a real server, gets the 500 response instead of the exception."""
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
@@ -261,7 +250,7 @@ async def test_unexpected_bug_is_a_bland_internal_error(
     async def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError("SELECT secret FROM orders -- asyncpg password=hunter2")
 
-    monkeypatch.setattr(service, "get_order", broken)
+    monkeypatch.setattr(OrderService, "get", broken)
     response = await quiet_client.get(
         f"/orders/{SOME_ID}", headers=auth(tenant, X_Request_ID="bug-1")
     )
@@ -277,7 +266,7 @@ async def test_bug_in_a_write_is_a_bland_internal_error(
     async def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise KeyError("hunter2")
 
-    monkeypatch.setattr(service, "create_order", broken)
+    monkeypatch.setattr(OrderService, "create", broken)
     response = await quiet_client.post("/orders", headers=auth(tenant, Idempotency_Key="k-bug"))
     assert assert_error(response, 500, "internal_error") == {
         "code": "internal_error",
@@ -287,26 +276,20 @@ async def test_bug_in_a_write_is_a_bland_internal_error(
 
 
 @pytest.fixture
-async def unmigrated(backend: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """An app on a database nobody migrated: every statement fails with a driver error."""
+async def unmigrated(server_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An app on a database nobody migrated: every statement fails with a driver error.
+
+    A cursor secret is configured, so that the lifespan need not read app_secrets."""
     name = f"orders_empty_{uuid.uuid4().hex[:12]}"
-    admin = ""
-    if backend == "postgresql":
-        admin_url = make_url(TEST_DATABASE_URL).set(drivername="postgresql")
-        admin = admin_url.render_as_string(hide_password=False)
-        await _run_admin(admin, f'CREATE DATABASE "{name}"')
-        url = admin_url.set(database=name).render_as_string(hide_password=False)
-    else:
-        url = f"sqlite:///{tmp_path / 'empty.db'}"
+    await _run_admin(server_url, f'CREATE DATABASE "{name}"')
     try:
-        application = create_app(make_settings(url))
-        async with application.router.lifespan_context(application):
-            transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+        settings = make_settings(with_database(server_url, name), cursor_secret="s")
+        async with LifespanManager(create_app(settings)) as manager:
+            transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
                 yield http
     finally:
-        if backend == "postgresql":
-            await _run_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _run_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _run_admin(url: str, sql: str) -> None:
@@ -339,23 +322,13 @@ async def test_sql_error_leaks_no_sql_or_driver_text(
         assert word not in response.text
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
-async def unreachable(backend: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """An app whose database cannot be reached: a closed port, or a path SQLite cannot open."""
-    if backend == "postgresql":
-        url = f"postgresql://postgres@127.0.0.1:{closed_port()}/orders"
-    else:
-        url = f"sqlite:///{tmp_path}"  # a directory: "unable to open database file"
-    application = create_app(make_settings(url))
-    async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application)
+async def unreachable() -> AsyncIterator[httpx.AsyncClient]:
+    """An app whose database cannot be reached (a closed port). A cursor secret is configured:
+    without one the lifespan reads it from the database, and start-up would fail."""
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/orders"
+    async with LifespanManager(create_app(make_settings(url, cursor_secret="s"))) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             yield http
 

@@ -9,14 +9,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from asgi_lifespan import LifespanManager
+from starlette.types import ASGIApp
 
 from orders_api.app import create_app
-from orders_api.db import orders
 from orders_api.orders.service import iso
 from tests.api.support import assert_error, create_order
 from tests.helpers import FakeClock, auth, make_settings
@@ -65,25 +64,15 @@ def assert_strictly_newest_first(items: list[dict[str, Any]]) -> None:
 
 
 async def insert_rows(
-    engine: AsyncEngine, tenant: str, created: list[datetime], ids: list[uuid.UUID] | None = None
+    db: asyncpg.Pool, tenant: str, created: list[datetime], ids: list[uuid.UUID] | None = None
 ) -> list[str]:
     """Insert orders directly, all in ONE transaction; returns their ids."""
     ids = ids or [uuid.uuid4() for _ in created]
-    async with engine.begin() as conn:
-        await conn.execute(
-            insert(orders),
-            [
-                {
-                    "id": order_id,
-                    "tenant_id": tenant,
-                    "status": "draft",
-                    "version": 1,
-                    "total_cents": None,
-                    "created_at": at,
-                    "updated_at": at,
-                }
-                for order_id, at in zip(ids, created, strict=True)
-            ],
+    async with db.acquire() as conn, conn.transaction():
+        await conn.executemany(
+            "INSERT INTO orders (id, tenant_id, status, version, total_cents, created_at,"
+            " updated_at) VALUES ($1, $2, 'draft', 1, NULL, $3, $3)",
+            [(order_id, tenant, at) for order_id, at in zip(ids, created, strict=True)],
         )
     return [str(order_id) for order_id in ids]
 
@@ -136,10 +125,10 @@ async def test_next_cursor_is_null_exactly_at_the_end(
 
 @pytest.mark.parametrize("limit", [1, 2, 3, 7])
 async def test_rows_with_the_same_timestamp_are_each_listed_once(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str, limit: int
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str, limit: int
 ) -> None:
     created = [BASE] * 7
-    ids = await insert_rows(engine, tenant, created)
+    ids = await insert_rows(db, tenant, created)
     pages = await walk(client, tenant, limit)
     items = [item for page in pages for item in page]
     assert [(item["createdAt"], item["id"]) for item in items] == expected_order(ids, created)
@@ -148,11 +137,11 @@ async def test_rows_with_the_same_timestamp_are_each_listed_once(
 
 @pytest.mark.parametrize("limit", [1, 2, 3])
 async def test_rows_a_microsecond_apart_straddling_pages_are_each_listed_once(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str, limit: int
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str, limit: int
 ) -> None:
     # Two rows per instant, instants one microsecond apart, across a second boundary.
     created = [BASE + timedelta(microseconds=step) for step in range(20) for _ in range(2)]
-    ids = await insert_rows(engine, tenant, created)
+    ids = await insert_rows(db, tenant, created)
     pages = await walk(client, tenant, limit)
     items = [item for page in pages for item in page]
     assert [(item["createdAt"], item["id"]) for item in items] == expected_order(ids, created)
@@ -178,14 +167,14 @@ async def test_orders_created_while_paging_cause_no_duplicate_or_skip(
 
 
 async def test_rows_inserted_behind_the_cursor_are_listed_later(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str
 ) -> None:
     """A row committed mid-walk, older than the cursor, is still reached; none comes twice."""
     created = [BASE + timedelta(seconds=step) for step in range(4)]
-    ids = await insert_rows(engine, tenant, created)
+    ids = await insert_rows(db, tenant, created)
     first = await list_page(client, tenant, limit=2)
     late = [BASE - timedelta(seconds=1), BASE + timedelta(seconds=10)]
-    late_ids = await insert_rows(engine, tenant, late)
+    late_ids = await insert_rows(db, tenant, late)
     rest = await walk_from(client, tenant, first["nextCursor"], limit=2)
     seen = [item["id"] for item in first["items"] + rest]
     assert seen == [ids[3], ids[2], ids[1], ids[0], late_ids[0]]
@@ -232,11 +221,11 @@ async def test_every_flipped_character_is_rejected(client: httpx.AsyncClient, te
 
 
 async def test_non_canonical_spellings_are_rejected(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str
 ) -> None:
     # Id bytes 0xfb encode as "-_v7": the cursor surely holds characters with a +/ twin.
     ids = [uuid.UUID(bytes=b"\xfb" * 12 + uuid.uuid4().bytes[:4]) for _ in range(2)]
-    await insert_rows(engine, tenant, [BASE, BASE], ids)
+    await insert_rows(db, tenant, [BASE, BASE], ids)
     cursor = (await list_page(client, tenant, limit=1))["nextCursor"]
     assert "-_" in cursor
     variants = [
@@ -299,15 +288,16 @@ async def test_limit_bounds_are_accepted(client: httpx.AsyncClient, tenant: str)
 
 
 @pytest.fixture
-async def second_app(database_url: str) -> AsyncIterator[FastAPI]:
+async def second_app(database_url: str) -> AsyncIterator[ASGIApp]:
     """Another app instance on the same database: another worker, or the service restarted."""
-    application = create_app(make_settings(database_url), clock=FakeClock())
-    async with application.router.lifespan_context(application):
-        yield application
+    async with LifespanManager(
+        create_app(make_settings(database_url), clock=FakeClock())
+    ) as manager:
+        yield manager.app
 
 
 async def test_cursor_works_on_another_app_instance(
-    client: httpx.AsyncClient, second_app: FastAPI, tenant: str
+    client: httpx.AsyncClient, second_app: ASGIApp, tenant: str
 ) -> None:
     for _ in range(5):
         await create_order(client, tenant)
@@ -327,8 +317,8 @@ async def test_cursor_signed_with_another_secret_is_rejected(
     for _ in range(3):
         await create_order(client, tenant)
     foreign = create_app(make_settings(database_url, cursor_secret="another-secret"))
-    async with foreign.router.lifespan_context(foreign):
-        transport = httpx.ASGITransport(app=foreign)
+    async with LifespanManager(foreign) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as other:
             cursor = (await list_page(other, tenant, limit=1))["nextCursor"]
             assert len((await list_page(other, tenant, cursor, limit=5))["items"]) == 2

@@ -5,12 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders_api.db import idempotency_keys, orders
 from tests.api.support import (
     assert_error,
     close_order,
@@ -90,34 +88,26 @@ async def test_tenant_is_checked_before_anything_else(
 
 
 async def test_unauthorized_create_stores_nothing(
-    client: httpx.AsyncClient, engine: AsyncEngine
+    client: httpx.AsyncClient, db: asyncpg.Pool
 ) -> None:
     key = f"k-{uuid.uuid4()}"
     response = await send(client, "POST", "/orders", "bad tenant", headers={"Idempotency-Key": key})
     assert_error(response, 401, "unauthorized")
-    async with engine.connect() as conn:
-        stored = await conn.scalar(
-            select(func.count()).select_from(idempotency_keys).where(idempotency_keys.c.key == key)
-        )
+    stored = await db.fetchval("SELECT count(*) FROM idempotency_keys WHERE key = $1", key)
     assert stored == 0
 
 
 @pytest.mark.parametrize("tenant", ["a", "x" * 64, "Acme.Corp_01-eu"])
-async def test_valid_tenant_ids(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
-) -> None:
+async def test_valid_tenant_ids(client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str) -> None:
     tenant = tenant[:-8] + uuid.uuid4().hex[:8] if len(tenant) > 8 else tenant
     order = await create_order(client, tenant)
     assert order["tenantId"] == tenant
-    async with engine.connect() as conn:
-        stored = await conn.scalar(
-            select(orders.c.tenant_id).where(orders.c.id == uuid.UUID(order["id"]))
-        )
+    stored = await db.fetchval("SELECT tenant_id FROM orders WHERE id = $1", uuid.UUID(order["id"]))
     assert stored == tenant
 
 
 async def test_another_tenants_order_is_invisible_on_every_endpoint(
-    client: httpx.AsyncClient, engine: AsyncEngine, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, tenant: str
 ) -> None:
     owner = tenant
     draft = await create_order(client, owner)
@@ -145,7 +135,7 @@ async def test_another_tenants_order_is_invisible_on_every_endpoint(
         assert listing.json() == {"items": [], "nextCursor": None}
     for order_id, before in snapshot.items():
         assert await get_order(client, owner, order_id) == before
-        assert await outbox_rows(engine, order_id) == []
+        assert await outbox_rows(db, order_id) == []
     listed = await client.get("/orders", headers=auth(owner))
     assert {item["id"] for item in listed.json()["items"]} == set(snapshot)
 

@@ -4,11 +4,11 @@ releases every request, so the requests really overlap on the server's workers."
 from __future__ import annotations
 
 import http.client
-import re
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
+
+import psutil
 
 
 @dataclass(frozen=True)
@@ -26,20 +26,18 @@ class Answer:
     body: bytes
 
 
-def serving_pids(port: int, client_ports: set[int]) -> list[str]:
-    """The server-side process of each of our connections (from `ss`), to prove spread."""
-    out = subprocess.run(
-        ["ss", "-tnpH", "state", "established", "sport", "=", f":{port}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    pids = []
-    for line in out.splitlines():
-        peer = re.search(r":(\d+)\s+users:.*pid=(\d+)", line)
-        if peer and int(peer.group(1)) in client_ports:
-            pids.append(peer.group(2))
-    return pids
+def serving_pids(port: int, client_ports: set[int]) -> list[int]:
+    """The server-side process of each of our connections, to prove spread."""
+    return [
+        connection.pid
+        for connection in psutil.net_connections(kind="tcp4")
+        if connection.pid is not None
+        and connection.status == psutil.CONN_ESTABLISHED
+        and connection.laddr
+        and connection.laddr.port == port
+        and connection.raddr
+        and connection.raddr.port in client_ports
+    ]
 
 
 def open_spread(

@@ -6,15 +6,10 @@ import asyncio
 import json
 import uuid
 
-import pytest
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
 
-from orders_api.db import idempotency_keys, orders, outbox
-from tests.e2e.conftest import Server
 from tests.e2e.race import Answer, Call, fire_together
-
-pytestmark = pytest.mark.e2e
+from tests.live import LiveServer as Server
 
 ROUNDS = 5
 
@@ -23,10 +18,9 @@ async def fire(server: Server, calls: list[Call]) -> list[Answer]:
     return await asyncio.to_thread(fire_together, server.host, server.port, calls)
 
 
-async def count(engine: AsyncEngine, table: object, *conditions: object) -> int:
-    async with engine.connect() as conn:
-        value = await conn.scalar(select(func.count()).select_from(table).where(*conditions))  # type: ignore[arg-type]
-    return int(value or 0)
+async def count(db: asyncpg.Pool, sql: str, *args: object) -> int:
+    """`SELECT count(*) FROM …` as one integer."""
+    return int(await db.fetchval(f"SELECT count(*) FROM {sql}", *args))
 
 
 async def create(server: Server, tenant: str) -> dict[str, object]:
@@ -55,7 +49,7 @@ async def confirm(server: Server, tenant: str, order_id: object) -> None:
 
 
 async def test_parallel_creates_with_one_key_make_one_order(
-    server: Server, engine: AsyncEngine
+    server: Server, db: asyncpg.Pool
 ) -> None:
     for _ in range(ROUNDS):
         tenant = f"race-{uuid.uuid4().hex[:12]}"
@@ -73,12 +67,12 @@ async def test_parallel_creates_with_one_key_make_one_order(
         assert all(answer.headers["idempotent-replayed"] == "true" for answer in replays)
         created = next(answer for answer in answers if answer.status == 201)
         assert {answer.headers["location"] for answer in answers} == {created.headers["location"]}
-        assert await count(engine, orders, orders.c.tenant_id == tenant) == 1
-        assert await count(engine, idempotency_keys, idempotency_keys.c.tenant_id == tenant) == 1
+        assert await count(db, "orders WHERE tenant_id = $1", tenant) == 1
+        assert await count(db, "idempotency_keys WHERE tenant_id = $1", tenant) == 1
 
 
 async def test_parallel_creates_with_distinct_keys_all_succeed(
-    server: Server, engine: AsyncEngine
+    server: Server, db: asyncpg.Pool
 ) -> None:
     tenant = f"race-{uuid.uuid4().hex[:12]}"
     calls = [
@@ -88,11 +82,11 @@ async def test_parallel_creates_with_distinct_keys_all_succeed(
     answers = await fire(server, calls)
     assert [answer.status for answer in answers] == [201] * 24
     assert len({json.loads(answer.body)["id"] for answer in answers}) == 24
-    assert await count(engine, orders, orders.c.tenant_id == tenant) == 24
+    assert await count(db, "orders WHERE tenant_id = $1", tenant) == 24
 
 
 async def test_parallel_confirms_with_one_version_succeed_once(
-    server: Server, engine: AsyncEngine
+    server: Server, db: asyncpg.Pool
 ) -> None:
     for _ in range(ROUNDS):
         tenant = f"race-{uuid.uuid4().hex[:12]}"
@@ -117,15 +111,11 @@ async def test_parallel_confirms_with_one_version_succeed_once(
                     "reason": "stale_version",
                     "currentVersion": 2,
                 }
-        async with engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(orders.c.version, orders.c.total_cents, orders.c.status).where(
-                        orders.c.id == uuid.UUID(str(order["id"]))
-                    )
-                )
-            ).one()
-        assert (row.version, row.total_cents, row.status) == (
+        row = await db.fetchrow(
+            "SELECT version, total_cents, status FROM orders WHERE id = $1",
+            uuid.UUID(str(order["id"])),
+        )
+        assert tuple(row) == (
             2,
             winner["totalCents"],
             "confirmed",
@@ -133,7 +123,7 @@ async def test_parallel_confirms_with_one_version_succeed_once(
 
 
 async def test_parallel_closes_succeed_once_with_one_outbox_row(
-    server: Server, engine: AsyncEngine
+    server: Server, db: asyncpg.Pool
 ) -> None:
     for _ in range(ROUNDS):
         tenant = f"race-{uuid.uuid4().hex[:12]}"
@@ -152,7 +142,7 @@ async def test_parallel_closes_succeed_once_with_one_outbox_row(
                     "currentStatus": "closed",
                 }
         order_id = uuid.UUID(str(order["id"]))
-        assert await count(engine, outbox, outbox.c.order_id == order_id) == 1
+        assert await count(db, "outbox WHERE order_id = $1", order_id) == 1
 
 
 async def test_pages_from_different_workers_join_up(server: Server) -> None:

@@ -9,11 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
-from sqlalchemy import select
-
-from orders_api.config import Settings
-from orders_api.db import create_engine, idempotency_keys, orders, outbox
+import orjson
 
 
 @dataclass
@@ -124,39 +122,29 @@ class Stored:
 
 
 async def stored_state(database_url: str, tenant: str) -> Stored:
-    engine = create_engine(Settings(database_url=database_url, log_level="WARNING"))
+    conn = await asyncpg.connect(database_url)
     try:
-        async with engine.connect() as conn:
-            order_rows = (
-                await conn.execute(
-                    select(orders.c.id, orders.c.status, orders.c.version).where(
-                        orders.c.tenant_id == tenant
-                    )
-                )
-            ).all()
-            key_rows = (
-                await conn.execute(
-                    select(idempotency_keys.c.key, idempotency_keys.c.response_json).where(
-                        idempotency_keys.c.tenant_id == tenant
-                    )
-                )
-            ).all()
-            event_rows = (
-                await conn.execute(
-                    select(outbox.c.order_id).where(
-                        outbox.c.tenant_id == tenant, outbox.c.event_type == "orders.closed"
-                    )
-                )
-            ).all()
+        order_rows = await conn.fetch(
+            "SELECT id, status, version FROM orders WHERE tenant_id = $1", tenant
+        )
+        key_rows = await conn.fetch(
+            "SELECT key, response_json::text AS response FROM idempotency_keys "
+            "WHERE tenant_id = $1",
+            tenant,
+        )
+        event_rows = await conn.fetch(
+            "SELECT order_id FROM outbox WHERE tenant_id = $1 AND event_type = 'orders.closed'",
+            tenant,
+        )
     finally:
-        await engine.dispose()
+        await conn.close()
     events: dict[str, int] = {}
     for row in event_rows:
-        events[str(row.order_id)] = events.get(str(row.order_id), 0) + 1
-    assert len({str(r.id) for r in order_rows}) == len(order_rows)
+        events[str(row["order_id"])] = events.get(str(row["order_id"]), 0) + 1
+    assert len({r["id"] for r in order_rows}) == len(order_rows)
     return Stored(
-        orders={str(r.id): {"status": r.status, "version": r.version} for r in order_rows},
-        keys={r.key: str(r.response_json["id"]) for r in key_rows},
+        orders={str(r["id"]): {"status": r["status"], "version": r["version"]} for r in order_rows},
+        keys={r["key"]: str(orjson.loads(r["response"])["id"]) for r in key_rows},
         closed_events=events,
     )
 

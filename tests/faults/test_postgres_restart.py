@@ -9,13 +9,15 @@ import time
 import uuid
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from asgi_lifespan import LifespanManager
+from prometheus_client import REGISTRY
 
 from orders_api.app import create_app
 from orders_api.errors import Unavailable, database_error
+from orders_api.pool import Pool
 from tests.faults.load import (
     assert_every_success_exists_once,
     assert_nothing_half_written,
@@ -26,8 +28,6 @@ from tests.faults.load import (
 from tests.faults.private_postgres import PrivatePostgres
 from tests.helpers import make_settings
 from tests.live import running_server
-
-pytestmark = pytest.mark.e2e
 
 
 def test_postgres_restart_under_load_loses_nothing(
@@ -97,17 +97,24 @@ def test_postgres_restart_under_load_loses_nothing(
 async def test_a_statement_past_the_timeout_is_cancelled_and_unavailable(
     postgres: PrivatePostgres,
 ) -> None:
-    app = create_app(make_settings(postgres.url(), db_statement_timeout_ms=300))
-    async with app.router.lifespan_context(app):
+    settings = make_settings(postgres.url(), db_statement_timeout_ms=300)
+    pool = Pool.from_settings("timeout-test", settings, max_size=1)
+    try:
         started = time.monotonic()
-        async with app.state.engine.connect() as conn:
-            with pytest.raises(DBAPIError) as raised:
-                await conn.execute(text("SELECT pg_sleep(5)"))
+        with pytest.raises(asyncpg.QueryCanceledError) as raised:
+            await pool.fetchval("SELECT pg_sleep(5)")
         assert time.monotonic() - started < 2
         error = database_error(raised.value)
         assert isinstance(error, Unavailable)
         assert "timed out" in error.message
-        assert app.state.engine.sync_engine.pool.checkedout() == 0
-        transport = httpx.ASGITransport(app=app)
+        in_use = {"pool": "timeout-test", "state": "in_use"}
+        assert REGISTRY.get_sample_value("orders_api_db_pool_connections", in_use) == 0
+        # The one connection came back and still works: the server cancelled only the statement.
+        async with asyncio.timeout(2):
+            assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+    async with LifespanManager(create_app(settings)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             assert (await client.get("/readyz")).status_code == 200

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.faults.load import (
     assert_every_success_exists_once,
@@ -23,9 +22,7 @@ from tests.faults.load import (
     stored_state,
 )
 from tests.faults.private_postgres import PrivatePostgres
-from tests.live import LiveServer, migrate, running_server
-
-pytestmark = pytest.mark.e2e
+from tests.live import LiveServer, running_server
 
 KILLS = 3
 
@@ -42,16 +39,10 @@ def wait_for_workers(
     raise AssertionError(f"workers not back: {server.worker_pids()}\n{server.log_tail()}")
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_sigkilled_workers_leave_no_half_written_order(
-    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+    postgres: PrivatePostgres, tmp_path: Path
 ) -> None:
-    if backend == "postgresql":
-        postgres: PrivatePostgres = request.getfixturevalue("postgres")
-        database_url = postgres.url()
-    else:
-        database_url = f"sqlite:///{tmp_path / 'orders.db'}"
-        migrate(database_url)
+    database_url = postgres.url()
     tenant = f"t-kill-{uuid.uuid4().hex[:8]}"
     killed: list[int] = []
     with running_server(database_url, tmp_path) as server:
@@ -92,7 +83,6 @@ def test_sigkilled_workers_leave_no_half_written_order(
     assert {a.key for a in log.ok("create")} == {a.key for a in log.answers}
     assert len(stored.orders) == len({a.key for a in log.answers})
     summary = {
-        "backend": backend,
         "kills": len(killed),
         "dropped": len(dropped),
         "creates": log.by_status("create"),

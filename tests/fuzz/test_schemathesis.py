@@ -1,4 +1,4 @@
-"""schemathesis against /openapi.json of a real `orders-api serve --workers 2`, per backend.
+"""schemathesis against /openapi.json of a real `orders-api serve --workers 2`.
 
 Every built-in check (no 5xx, status codes, content types, headers and bodies as documented,
 positive data accepted, negative data rejected, 405 with Allow, stateful links followed)
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,18 @@ import requests
 import schemathesis
 
 from tests.fuzz import st_hooks
-from tests.live import BIN, running_server, scratch_database
+from tests.live import BIN, running_server
 
 HERE = Path(__file__).resolve().parent
 MAX_EXAMPLES = 20
 MIN_CASES = 300  # what one run generates with MAX_EXAMPLES; fewer means a phase did not run
 
 
-@pytest.mark.e2e
-def test_fuzzing_the_running_server_finds_nothing(backend: str, tmp_path: Path) -> None:
+def test_fuzzing_the_running_server_finds_nothing(
+    fresh_database: Callable[[], str], tmp_path: Path
+) -> None:
     report_path = tmp_path / "schemathesis.json"
-    with (
-        scratch_database(backend, tmp_path) as database_url,
-        running_server(database_url, tmp_path) as server,
-    ):
+    with running_server(fresh_database(), tmp_path) as server:
         run = subprocess.run(
             [
                 str(BIN / "st"),
@@ -43,6 +42,13 @@ def test_fuzzing_the_running_server_finds_nothing(backend: str, tmp_path: Path) 
                 f"{server.base_url}/openapi.json",
                 "--checks",
                 "all",
+                # X-Tenant-Id is declared as an apiKey scheme (every orders operation needs it),
+                # but it is the tenant a trusted gateway asserts, not a secret: every well-formed
+                # value names a tenant and is accepted, which this check would count as invalid
+                # authentication accepted. Missing and malformed tenants (401 on every endpoint)
+                # are tests/api/test_tenancy.py's; AUTH_MODE=jwt refusals test_jwt_auth.py's.
+                "--exclude-checks",
+                "ignored_auth",
                 "--max-examples",
                 str(MAX_EXAMPLES),
                 "--seed",

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,14 +23,17 @@ COMPOSE = PROJECT_ROOT / "docker-compose.yml"
 
 
 def compose_tool() -> list[str]:
-    """`docker compose` (plugin) or `docker-compose` (.ci/ensure-tools installs the latter)."""
+    """`docker compose` (plugin) or `docker-compose` (Debian's package of that name)."""
     if shutil.which("docker"):
-        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
         if probe.returncode == 0:
             return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    raise AssertionError("neither `docker compose` nor `docker-compose` is installed")
+    raise AssertionError(
+        "neither `docker compose` nor `docker-compose` is installed: install the Debian "
+        "package docker-compose (apt-get install docker-compose)"
+    )
 
 
 def compose() -> dict[str, Any]:
@@ -81,22 +85,69 @@ def test_docker_compose_config_parses() -> None:
     assert run.returncode == 0, run.stderr
 
 
-def test_compose_runs_migrations_once_before_the_api_and_the_relay() -> None:
+def test_compose_runs_the_topology_past_one_machine() -> None:
+    """The chaos run's topology (chaos/README.md): a pg_auto_failover monitor and two nodes,
+    PgBouncer kept on the primary, 3 NATS servers, 2 API replicas behind HAProxy, 2 relays, and
+    the migrations once, on the direct multi-host URL, before the API replicas and the relays."""
     services = compose()["services"]
-    assert set(services) == {"postgres", "nats", "migrate", "api", "relay"}
+    assert set(services) == {
+        "monitor", "node1", "node2", "pgbouncer-follow", "pgbouncer",
+        "nats1", "nats2", "nats3", "migrate", "api1", "api2", "haproxy", "relay1", "relay2",
+    }  # fmt: skip
+    assert services["monitor"]["command"][:3] == ["pg_autoctl", "create", "monitor"]
     assert services["migrate"]["command"] == ["orders-api", "migrate"]
     assert services["migrate"]["restart"] == "no"
-    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "relay"):
+    for node in ("node1", "node2"):
+        assert services[node]["command"][:3] == ["pg_autoctl", "create", "postgres"]
+        assert services["migrate"]["depends_on"][node]["condition"] == "service_healthy"
+    direct = services["migrate"]["environment"]["DATABASE_URL"]
+    assert direct.startswith("postgresql://")
+    assert "@node1:5432,node2:5432/" in direct
+    assert "target_session_attrs=read-write" in direct
+    nats_urls = "nats://nats1:4222,nats://nats2:4222,nats://nats3:4222"
+    for name in ("api1", "api2", "relay1", "relay2"):
         condition = services[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully", name
-    assert services["api"]["command"][:2] == ["orders-api", "serve"]
-    assert services["relay"]["command"] == ["orders-api", "relay"]
-    assert "-js" in services["nats"]["command"]
-    assert services["relay"]["environment"]["NATS_URL"] == "nats://nats:4222"
-    for name in ("migrate", "api", "relay"):
-        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://")
+    for name in ("api1", "api2"):
+        assert services[name]["command"][:2] == ["orders-api", "serve"]
+        assert services[name]["environment"]["DATABASE_URL"].endswith("?pgbouncer=true")
+    for name in ("relay1", "relay2"):
+        assert services[name]["command"] == ["orders-api", "relay"]
+        assert services[name]["environment"]["DATABASE_URL"] == direct  # LISTEN needs a session
+        assert services[name]["environment"]["NATS_URL"] == nats_urls
+        assert services[name]["environment"]["RELAY_STREAM_REPLICAS"] == "3"
+    for name in ("nats1", "nats2", "nats3"):
+        command = services[name]["command"]
+        assert "--jetstream" in command
+        assert "--cluster_name" in command
+    for name in ("migrate", "api1", "api2", "relay1", "relay2"):
         assert services[name]["build"] == "."
+    haproxy = (PROJECT_ROOT / "chaos" / "compose" / "haproxy.cfg").read_text()
+    assert "server api1 api1:8000 check" in haproxy
+    assert "server api2 api2:8000 check" in haproxy
+
+
+def test_compose_mounts_only_files_of_the_repository_that_exist() -> None:
+    for name, service in compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (PROJECT_ROOT / source).exists(), (name, volume)
+
+
+def test_the_compose_haproxy_config_is_valid(tmp_path: Path) -> None:
+    """`haproxy -c` on chaos/compose/haproxy.cfg (its error files mapped to the repository's;
+    the replicas' names resolve only inside the compose network)."""
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    assert Path(haproxy).exists(), "haproxy is not installed: apt-get install haproxy"
+    errors = PROJECT_ROOT / "chaos" / "compose" / "errors"
+    config = (PROJECT_ROOT / "chaos" / "compose" / "haproxy.cfg").read_text()
+    checked = tmp_path / "haproxy.cfg"
+    checked.write_text(config.replace("/usr/local/etc/haproxy/errors", str(errors)))
+    run = subprocess.run(
+        [haproxy, "-c", "-f", str(checked)], capture_output=True, text=True, timeout=30
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_dockerfile_is_slim_locked_non_root_with_a_healthcheck() -> None:

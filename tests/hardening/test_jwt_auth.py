@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -39,8 +40,8 @@ def assert_unauthorized(response: httpx.Response) -> None:
 @asynccontextmanager
 async def jwt_client(database_url: str, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(make_settings(database_url, auth_mode="jwt", **settings))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
 
@@ -286,4 +287,6 @@ async def test_header_mode_ignores_bearer_tokens(client: httpx.AsyncClient, tena
 )
 def test_jwt_mode_without_a_key_refuses_to_start(settings: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="needs"):
-        create_app(make_settings("sqlite:///unused.db", auth_mode="jwt", **settings))
+        create_app(
+            make_settings("postgresql://unused@127.0.0.1:1/unused", auth_mode="jwt", **settings)
+        )

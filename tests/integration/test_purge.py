@@ -3,62 +3,65 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders_api.db import idempotency_keys, orders
 from orders_api.idempotency import purge_expired_keys
-from tests.helpers import PROJECT_ROOT, FakeClock, auth
+from orders_api.pool import Pool
+from tests.helpers import FakeClock, auth, make_settings
+from tests.live import ORDERS_API, server_env
 
 
-async def keys_of(engine: AsyncEngine, tenant: str) -> set[str]:
-    async with engine.connect() as conn:
-        rows = await conn.execute(
-            select(idempotency_keys.c.key).where(idempotency_keys.c.tenant_id == tenant)
-        )
-    return {row.key for row in rows}
+async def keys_of(db: asyncpg.Pool, tenant: str) -> set[str]:
+    rows = await db.fetch("SELECT key FROM idempotency_keys WHERE tenant_id = $1", tenant)
+    return {row["key"] for row in rows}
 
 
 async def test_purge_removes_only_expired_keys(
-    client: httpx.AsyncClient, engine: AsyncEngine, clock: FakeClock, tenant: str
+    client: httpx.AsyncClient, db: asyncpg.Pool, database_url: str, clock: FakeClock, tenant: str
 ) -> None:
     clock.advance(-7200)
     assert (await client.post("/orders", headers=auth(tenant, Idempotency_Key="old"))).is_success
     clock.advance(7200)
     assert (await client.post("/orders", headers=auth(tenant, Idempotency_Key="new"))).is_success
-    assert await keys_of(engine, tenant) == {"old", "new"}
+    assert await keys_of(db, tenant) == {"old", "new"}
 
-    removed = await purge_expired_keys(engine, timedelta(hours=1), datetime.now(UTC), batch_size=1)
+    pool = Pool.from_settings("purge-test", make_settings(database_url), max_size=1)
+    try:
+        removed = await purge_expired_keys(
+            pool, timedelta(hours=1), datetime.now(UTC), batch_size=1
+        )
+    finally:
+        await pool.close()
 
     assert removed >= 1
-    assert await keys_of(engine, tenant) == {"new"}
-    async with engine.connect() as conn:
-        kept = (await conn.execute(select(orders.c.id).where(orders.c.tenant_id == tenant))).all()
-    assert len(kept) == 2, "purging keys never deletes orders"
+    assert await keys_of(db, tenant) == {"new"}
+    kept = await db.fetchval("SELECT count(*) FROM orders WHERE tenant_id = $1", tenant)
+    assert kept == 2, "purging keys never deletes orders"
 
 
 async def test_purge_command(
     client: httpx.AsyncClient,
-    engine: AsyncEngine,
+    db: asyncpg.Pool,
     clock: FakeClock,
     tenant: str,
     database_url: str,
 ) -> None:
     clock.advance(-7200)
     assert (await client.post("/orders", headers=auth(tenant, Idempotency_Key="old"))).is_success
+    clock.advance(7200)
+    assert (await client.post("/orders", headers=auth(tenant, Idempotency_Key="new"))).is_success
     result = await asyncio.to_thread(
         subprocess.run,
-        [str(PROJECT_ROOT / ".venv/bin/orders-api"), "purge"],
-        env={**os.environ, "DATABASE_URL": database_url},
+        [ORDERS_API, "purge"],
+        env=server_env(database_url),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert await keys_of(engine, tenant) == set()
+    assert await keys_of(db, tenant) == {"new"}

@@ -16,14 +16,12 @@ import httpx
 import nats
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders_api.outbox.publishers import StdoutPublisher
 from orders_api.outbox.relay import Relay
+from orders_api.pool import Pool
 from tests.helpers import free_port
 from tests.integration.relay_support import (
-    ORDERS_API,
     STREAM,
     NatsServer,
     close_orders,
@@ -37,6 +35,7 @@ from tests.integration.relay_support import (
     stream_messages,
     wait_until,
 )
+from tests.live import ORDERS_API
 
 
 async def start_relay(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
@@ -56,19 +55,18 @@ def log_says(log: Path, event: str) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-async def settled(engine: AsyncEngine) -> None:
+_BUSY = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND state = 'active' AND pid <> pg_backend_pid()"
+)
+
+
+async def settled(pool: Pool) -> None:
     """After SIGSTOP: let the database finish what the frozen relay had already sent."""
     await asyncio.sleep(0.05)
-    if engine.dialect.name != "postgresql":
-        return  # SQLite commits inside the (frozen) process: nothing is in flight
-    busy = text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND state = 'active' AND pid <> pg_backend_pid()"
-    )
     for _ in range(100):
-        async with engine.connect() as conn:
-            if not (await conn.execute(busy)).scalar_one():
-                return
+        if not await pool.fetchval(_BUSY):
+            return
         await asyncio.sleep(0.01)
 
 
@@ -93,11 +91,11 @@ def scrape(port: int) -> dict[str, float]:
 
 
 async def test_without_nats_url_the_relay_prints_one_json_line_per_event(
-    db: AsyncEngine, api: httpx.AsyncClient, relay_database: str
+    pool: Pool, api: httpx.AsyncClient, relay_database: str
 ) -> None:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     await close_orders(api, tenant, 5)
-    rows = await outbox_rows(db)
+    rows = await outbox_rows(pool)
 
     process = await asyncio.create_subprocess_exec(
         str(ORDERS_API),
@@ -120,20 +118,20 @@ async def test_without_nats_url_the_relay_prints_one_json_line_per_event(
         assert event["tenantId"] == tenant
         assert event["orderId"] == str(row.order_id)
         assert event["payload"] == row.payload
-    assert await count_published(db) == 5
+    assert await count_published(pool) == 5
 
     # Published rows are not printed again.
     out_again = io.StringIO()
-    relay = Relay(db, StdoutPublisher("orders", out_again), relay_settings(relay_database))
+    relay = Relay(pool, StdoutPublisher("orders", out_again), relay_settings(relay_database))
     assert await relay.drain() == 0
     assert out_again.getvalue() == ""
 
 
 async def test_relay_killed_mid_batch_then_restarted_loses_nothing(
-    db: AsyncEngine, relay_database: str, broker: NatsServer, tmp_path: Path
+    pool: Pool, relay_database: str, broker: NatsServer, tmp_path: Path
 ) -> None:
     total = 4000
-    ids = await seed_outbox(db, total)
+    ids = await seed_outbox(pool, total)
     env = relay_env(
         relay_database,
         broker.url,
@@ -157,9 +155,9 @@ async def test_relay_killed_mid_batch_then_restarted_loses_nothing(
         while True:
             await asyncio.sleep(0.02)
             os.kill(first.pid, signal.SIGSTOP)
-            await settled(db)
-            leased = await count_leased_unpublished(db)
-            published = await count_published(db)
+            await settled(pool)
+            leased = await count_leased_unpublished(pool)
+            published = await count_published(pool)
             stored = await stream_count(broker.url) if published else 0
             if leased and published and stored > published:
                 break
@@ -170,8 +168,8 @@ async def test_relay_killed_mid_batch_then_restarted_loses_nothing(
         await first.wait()
         await asyncio.sleep(0.2)
         # What the killed relay left behind, now that it cannot change anything any more.
-        leased = await count_leased_unpublished(db)
-        published = await count_published(db)
+        leased = await count_leased_unpublished(pool)
+        published = await count_published(pool)
         acked_not_marked = await stream_count(broker.url) - published
         assert leased > 0
         assert acked_not_marked > 0
@@ -183,7 +181,7 @@ async def test_relay_killed_mid_batch_then_restarted_loses_nothing(
         )
 
         async def all_published() -> bool:
-            return await count_published(db) == total
+            return await count_published(pool) == total
 
         await wait_until(all_published, within=30, what="the restarted relay to catch up")
         metrics = await asyncio.to_thread(scrape, metrics_port)
@@ -202,7 +200,7 @@ async def test_relay_killed_mid_batch_then_restarted_loses_nothing(
     messages = await stream_messages(broker.url)
     assert len(messages) == total, "lost or duplicated messages in the stream"
     assert set(msg_ids(messages)) == {str(event_id) for event_id in ids}
-    rows = await outbox_rows(db)
+    rows = await outbox_rows(pool)
     # Exactly the rows claimed by the killed relay were sent a second time, after their lease.
     assert sum(row.attempts == 2 for row in rows.values()) == leased
     assert sum(row.attempts == 1 for row in rows.values()) == total - leased

@@ -1,4 +1,5 @@
-"""Property tests: the cursor codec, the If-Match parser and the request fingerprint."""
+"""Property tests: the cursor codec, If-Match and the declared parameters, the request
+fingerprint."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import orjson
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from orders_api.errors import ValidationFailed
 from orders_api.idempotency import fingerprint
-from orders_api.orders.router import IF_MATCH_PATTERN, MAX_VERSION, parse_if_match
+from orders_api.orders import router
+from orders_api.orders.router import IF_MATCH, MAX_VERSION, parse_if_match
 from orders_api.pagination import InvalidCursor, decode_cursor, encode_cursor
+from orders_api.web import Parameter
 
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
@@ -94,10 +97,17 @@ def test_arbitrary_text_is_never_a_cursor(secret: bytes, tenant: str, text: str)
         decode_cursor(secret, tenant, text)
 
 
-# --- If-Match -----------------------------------------------------------------------------
+# --- If-Match and the declared parameters --------------------------------------------------
 
+IF_MATCH_PATTERN = IF_MATCH.doc["schema"]["pattern"]  # what /openapi.json documents
 versions = st.integers(1, MAX_VERSION)
 spaces = st.text(alphabet=" \t", max_size=3)
+# Opaque tags as RFC 9110 allows them (etagc: %x21 / %x23-7E / obs-text)
+opaque = st.text(alphabet=st.sampled_from([chr(0x21), *map(chr, range(0x23, 0x7F))]), max_size=12)
+
+
+def names_a_version(text: str) -> bool:
+    return re.fullmatch(r"[1-9][0-9]{0,9}", text) is not None and int(text) <= MAX_VERSION
 
 
 @st.composite
@@ -106,14 +116,29 @@ def tag(draw: st.DrawFn, version: int) -> str:
     return form.format(version)
 
 
+@st.composite
+def tag_naming_no_version(draw: st.DrawFn) -> str:
+    """A well-formed entity-tag that names no version: it never matches."""
+    numeric = st.one_of(st.just(0), st.integers(MAX_VERSION + 1, 10**12)).map(str)
+    leading_zero = versions.map(lambda v: f"0{v}")
+    text = draw(st.one_of(numeric, leading_zero, opaque.filter(lambda t: not names_a_version(t))))
+    quoted = draw(st.sampled_from(['"{}"', 'W/"{}"']))
+    if text.isdigit() and draw(st.booleans()):
+        return text  # bare digits are a tag too
+    return quoted.format(text)
+
+
+def header_of(parts: list[str], data: st.DataObject) -> str:
+    return ",".join(data.draw(spaces) + part + data.draw(spaces) for part in parts)
+
+
 @given(st.lists(versions, min_size=1, max_size=6), st.data())
 def test_every_accepted_form_gives_the_versions_named(
     named: list[int], data: st.DataObject
 ) -> None:
-    parts = [data.draw(spaces) + data.draw(tag(v)) + data.draw(spaces) for v in named]
-    header = ",".join(parts)
-    assert parse_if_match(header) == frozenset(named)
+    header = header_of([data.draw(tag(v)) for v in named], data)
     assert re.fullmatch(IF_MATCH_PATTERN, header)
+    assert parse_if_match(header) == frozenset(named)
 
 
 @given(spaces, spaces)
@@ -121,22 +146,90 @@ def test_a_star_matches_any_version(before: str, after: str) -> None:
     assert parse_if_match(before + "*" + after) is None
 
 
-@given(st.one_of(st.just(0), st.integers(MAX_VERSION + 1, 10**10 - 1)), st.data())
-def test_a_version_out_of_range_is_a_400(version: int, data: st.DataObject) -> None:
-    with pytest.raises(ValidationFailed):
-        parse_if_match(data.draw(tag(version)))
+@given(st.lists(tag_naming_no_version(), min_size=1, max_size=4), st.data())
+def test_a_tag_naming_no_version_is_well_formed_and_never_matches(
+    tags: list[str], data: st.DataObject
+) -> None:
+    header = header_of(tags, data)
+    assert re.fullmatch(IF_MATCH_PATTERN, header), header  # not a 400 ...
+    assert parse_if_match(header) == frozenset()  # ... but it matches no version: 409
+
+
+@given(st.lists(versions, max_size=4), st.lists(tag_naming_no_version(), max_size=4), st.data())
+def test_a_list_matches_exactly_the_versions_it_names(
+    named: list[int], others: list[str], data: st.DataObject
+) -> None:
+    parts = [data.draw(tag(v)) for v in named] + others
+    assume(parts)
+    header = header_of(data.draw(st.permutations(parts)), data)
+    assert parse_if_match(header) == frozenset(named)
 
 
 @given(st.one_of(st.text(), st.from_regex(IF_MATCH_PATTERN, fullmatch=True)))
-def test_the_parser_accepts_exactly_what_the_openapi_pattern_documents(header: str) -> None:
-    documented = re.fullmatch(IF_MATCH_PATTERN, header) is not None
-    try:
+def test_the_header_check_accepts_exactly_what_the_openapi_schema_documents(
+    header: str,
+) -> None:
+    documented = re.fullmatch(IF_MATCH_PATTERN, header) is not None and len(header) <= 1024
+    errors: list[dict[str, Any]] = []
+    checked = IF_MATCH.check(header, errors)
+    assert (errors == []) is documented, (header, errors)
+    if documented:
+        assert checked == header
         parsed = parse_if_match(header)
-    except ValidationFailed:
-        assert not documented, header
-    else:
-        assert documented, header
         assert parsed is None or all(1 <= v <= MAX_VERSION for v in parsed)
+
+
+def test_a_documented_tag_list_longer_than_1024_characters_is_refused() -> None:
+    header = ", ".join(['"1"'] * 300)
+    assert re.fullmatch(IF_MATCH_PATTERN, header)
+    errors: list[dict[str, Any]] = []
+    assert IF_MATCH.check(header, errors) is None
+    assert [error["type"] for error in errors] == ["string_too_long"]
+    assert errors[0]["loc"] == ("header", "If-Match")
+
+
+PARAMETERS = [value for value in vars(router).values() if isinstance(value, Parameter)]
+
+
+def values_for(parameter: Parameter) -> st.SearchStrategy[str]:
+    """Any text, plus values near what the parameter's schema allows."""
+    schema = parameter.doc["schema"]
+    near: list[st.SearchStrategy[str]] = [st.text(), st.integers(-5, 200).map(str)]
+    if "pattern" in schema:
+        near.append(st.from_regex(schema["pattern"], fullmatch=True))
+    if "enum" in schema:
+        near.append(st.sampled_from(schema["enum"]))
+    return st.one_of(near)
+
+
+def test_the_router_declares_its_parameters() -> None:
+    names = {(parameter.where, parameter.name) for parameter in PARAMETERS}
+    assert {
+        ("header", "Idempotency-Key"),
+        ("header", "If-Match"),
+        ("query", "limit"),
+        ("query", "cursor"),
+    } <= names
+
+
+@pytest.mark.parametrize("parameter", PARAMETERS, ids=lambda p: f"{p.where}-{p.name}")
+@given(data=st.data())
+def test_the_cheap_check_agrees_with_pydantic(parameter: Parameter, data: st.DataObject) -> None:
+    """What `check` accepts (its fast path first) is what the declared field accepts, with the
+    same value; what it refuses comes with pydantic's errors."""
+    value = data.draw(values_for(parameter))
+    errors: list[dict[str, Any]] = []
+    checked = parameter.check(value, errors)
+    try:
+        expected = parameter.adapter.validate_python(value)
+    except ValidationError:
+        assert checked is None
+        assert errors
+        assert all(error["loc"][:2] == (parameter.where, parameter.name) for error in errors)
+    else:
+        assert errors == []
+        assert checked == expected
+        assert type(checked) is type(expected)
 
 
 # --- request fingerprint ------------------------------------------------------------------

@@ -1,16 +1,19 @@
-"""HTTP adapter for orders: headers and body in, JSON and headers out. No SQL here."""
+"""HTTP adapter for orders: headers and body in, JSON and headers out. No SQL here.
+
+The handlers take only the Request (FastAPI's per-request parameter resolution would cost
+more than the rest of a read) and find the service in the lifespan state; the parameters they
+read are declared once, as `Parameter`s, which also document them.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
-from starlette.requests import ClientDisconnect
+from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import Response
 
 from orders_api import idempotency
@@ -19,283 +22,85 @@ from orders_api.errors import (
     ErrorBody,
     NotFound,
     PreconditionRequired,
-    UnsupportedMediaType,
-    ValidationFailed,
     validation_failed,
 )
 from orders_api.observability import IDEMPOTENCY
-from orders_api.orders import service
 from orders_api.orders.schemas import (
     ClosedOrder,
+    CloseOrderRequest,
     ConfirmedOrder,
     ConfirmOrderRequest,
     CreatedOrder,
-    EmptyRequest,
+    CreateOrderRequest,
     Order,
     OrderPage,
+    OrderStatus,
 )
-from orders_api.pagination import InvalidCursor, cursor_secret, decode_cursor
-from orders_api.tenancy import TENANT_PARAMETER, tenant_of
+from orders_api.orders.service import Encoded, OrderService, key_reused
+from orders_api.orders.store import KeyUse
+from orders_api.tenancy import TENANT_SECURITY, tenant_of
+from orders_api.web import (
+    Parameter,
+    check_parameters,
+    encoded_response,
+    read_json,
+    validate_body,
+)
 
 router = APIRouter(prefix="/orders", tags=["orders"])
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
-_ETAG = re.compile(r'(?:W/)?"([1-9]\d{0,9})"|([1-9]\d{0,9})')
 MAX_VERSION = 2_147_483_647
-# The same grammar for the OpenAPI document: a version is 1..2147483647 without leading zeros.
-_VERSION_PATTERN = (
-    r"(?:[1-9][0-9]{0,8}|1[0-9]{9}|20[0-9]{8}|21[0-3][0-9]{7}|214[0-6][0-9]{6}"
-    r"|2147[0-3][0-9]{5}|21474[0-7][0-9]{4}|214748[0-2][0-9]{3}|2147483[0-5][0-9]{2}"
-    r"|21474836[0-3][0-9]|214748364[0-7])"
-)
-_TAG_PATTERN = rf'(?:(?:W/)?"{_VERSION_PATTERN}"|{_VERSION_PATTERN})'
-IF_MATCH_PATTERN = rf"^[ \t]*(?:\*|{_TAG_PATTERN}(?:[ \t]*,[ \t]*{_TAG_PATTERN})*)[ \t]*$"
+# RFC 9110 entity-tags, strong or weak, plus a bare number (proxies and hand-written clients
+# drop the quotes); a tag that names no version (`"0"`, `"abc"`) is well-formed and simply
+# never matches.
+_ENTITY_TAG = r'(?:W/)?"[\x21\x23-\x7e\x80-\xff]*"|[0-9]+'
+_TAG_VERSION = re.compile(r'(?:W/)?"([^"]*)"|([0-9]+)')
+_VERSION = re.compile(r"[1-9][0-9]{0,9}")
 
-
-def parse_if_match(value: str) -> frozenset[int] | None:
-    """`*` -> None (any version); `"3"`, `3`, `W/"3"` or a comma list -> the versions named.
-
-    Weak and bare tags are accepted although RFC 9110 asks for strong comparison, because
-    proxies weaken ETags; anything else is a 400.
-    """
-    value = value.strip(" \t")
-    if value == "*":
-        return None
-    versions: set[int] = set()
-    for part in value.split(","):
-        match = _ETAG.fullmatch(part.strip(" \t"))
-        if match is None:
-            raise ValidationFailed('If-Match must be *, a version or a list of ETags like "3"')
-        version = int(match.group(1) or match.group(2))
-        if not 1 <= version <= MAX_VERSION:
-            raise ValidationFailed("If-Match names a version out of range")
-        versions.add(version)
-    return frozenset(versions)
-
-
-def _is_json(content_type: str) -> bool:
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or media_type.endswith("+json")
-
-
-async def read_body(request: Request) -> bytes:
-    """The request body, read straight off the ASGI channel (Starlette's body() goes through
-    an async generator: several times the cost, on every write)."""
-    chunks = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def read_json(request: Request) -> Any:
-    """The parsed body; empty or whitespace-only counts as `{}`."""
-    body = await read_body(request)
-    if not body.strip():
-        return {}
-    content_type = request.headers.get("content-type")
-    if content_type is not None and not _is_json(content_type):
-        raise UnsupportedMediaType("the body must be application/json")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ValidationFailed("malformed JSON body") from None
-
-
-def validate_body(model: type[ModelT], data: Any) -> ModelT:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_failed(exc.errors(include_input=False), "invalid request body") from None
-
-
-def parse_order_id(value: str) -> uuid.UUID:
-    """A malformed id names no order: 404, like an unknown one."""
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise NotFound("order not found") from None
-
-
-class EncodedJSON(Response):
-    """A body that arrives encoded as JSON (by the database or once by the service), with
-    its headers written straight as ASGI raw headers: lowercase names, no checks needed."""
-
-    def init_headers(self, headers: Mapping[str, str] | None = None) -> None:
-        raw = [(b"content-length", b"%d" % len(self.body)), (b"content-type", b"application/json")]
-        if headers:
-            raw.extend(
-                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
-            )
-        self.raw_headers = raw
-
-
-def encoded_response(body: bytes, status_code: int = 200, **headers: str) -> Response:
-    """`headers` by their lowercase names."""
-    return EncodedJSON(body, status_code, headers)
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorBody} for code in (*codes, 401, 503)}
-
-
-def _json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": required,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
-
-
-class Parameter:
-    """A header or query parameter read straight from the request, validated as FastAPI would.
-
-    FastAPI's per-request parameter and dependency resolution costs more than the rest of a
-    read, so the handlers read their headers and query parameters themselves: a cheap check
-    accepts the usual values and anything else goes through pydantic with the constraints
-    FastAPI applied, for the same 400 details. `doc` is what /openapi.json says about it.
-    """
-
-    def __init__(
-        self,
-        where: str,
-        name: str,
-        annotation: Any,
-        doc: dict[str, Any],
-        *,
-        required: bool = False,
-        accept: Callable[[str], Any] | None = None,
-    ) -> None:
-        self.where = where
-        self.name = name
-        self.required = required
-        self.adapter: TypeAdapter[Any] = TypeAdapter(annotation)
-        self.accept = accept
-        self.doc = {"name": name, "in": where, "required": required, **doc}
-
-    def check(self, value: str | None, errors: list[dict[str, Any]]) -> Any:
-        """The valid value (None when absent and optional), else its errors are appended."""
-        if value is None:
-            if self.required:
-                errors.append(
-                    {"loc": (self.where, self.name), "msg": "Field required", "type": "missing"}
-                )
-            return None
-        if self.accept is not None:
-            accepted = self.accept(value)
-            if accepted is not None:
-                return accepted
-        try:
-            return self.adapter.validate_python(value)
-        except ValidationError as exc:
-            for error in exc.errors(include_input=False):
-                errors.append({**error, "loc": (self.where, self.name, *error["loc"])})
-            return None
-
-
-def check_parameters(errors: list[dict[str, Any]]) -> None:
-    """400 with every parameter error at once, as FastAPI answered."""
-    if errors:
-        raise validation_failed(errors)
-
-
-_KEY_DOC = "1-255 visible ASCII characters, taken verbatim"
+_KEY = Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
 IDEMPOTENCY_KEY = Parameter(
     "header",
     "Idempotency-Key",
-    Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")],
-    {
-        "description": _KEY_DOC,
-        "schema": {
-            "type": "string",
-            "title": "Idempotency-Key",
-            "description": _KEY_DOC,
-            "minLength": 1,
-            "maxLength": 255,
-            "pattern": r"^[\x21-\x7e]+$",
-        },
-    },
+    _KEY,
+    description="1-255 visible ASCII characters, taken verbatim",
     required=True,
-    accept=lambda value: value if idempotency.KEY_PATTERN.fullmatch(value) else None,
 )
-_IF_MATCH_DOC = '`"3"`, `3`, `W/"3"`, a list, or `*`'
-_IF_MATCH_MAX = 1024
-
-
-def _short_if_match(value: str) -> str | None:
-    return value if len(value) <= _IF_MATCH_MAX else None
-
-
-IF_MATCH = Parameter(
+CHANGE_IDEMPOTENCY_KEY = Parameter(
     "header",
-    "If-Match",
-    Annotated[str, Field(max_length=_IF_MATCH_MAX)],
-    {
-        "description": _IF_MATCH_DOC,
-        "schema": {
-            "type": "string",
-            "title": "If-Match",
-            "description": _IF_MATCH_DOC,
-            "maxLength": _IF_MATCH_MAX,
-            "pattern": IF_MATCH_PATTERN,
-        },
-    },
-    accept=_short_if_match,
+    "Idempotency-Key",
+    _KEY,
+    description="optional: a retry with the same key and request replays the stored response",
 )
-# confirm answers 428 without If-Match, after the body checks: so the handler checks presence
-# itself and the document declares the header required.
-_REQUIRED_IF_MATCH_DOC = {
-    "name": "If-Match",
-    "in": "header",
-    "required": True,
-    "description": _IF_MATCH_DOC + "; without it: 428",
-    "schema": {"type": "string", "maxLength": _IF_MATCH_MAX, "pattern": IF_MATCH_PATTERN},
-}
-_LIMITS = {str(n): n for n in range(1, 101)}
-LIMIT = Parameter(
-    "query",
-    "limit",
-    Annotated[int, Field(ge=1, le=100)],
-    {
-        "schema": {
-            "type": "integer",
-            "title": "Limit",
-            "minimum": 1,
-            "maximum": 100,
-            "default": 10,
-        }
-    },
-    accept=_LIMITS.get,
+_TAG_LIST = Field(
+    max_length=1024,
+    pattern=rf"^[ \t]*(?:\*|(?:{_ENTITY_TAG})(?:[ \t]*,[ \t]*(?:{_ENTITY_TAG}))*)[ \t]*$",
 )
-CURSOR_PATTERN = "^[A-Za-z0-9_-]{54}$"  # base64url of 40 bytes, unpadded
-_CURSOR_DOC = "opaque: the nextCursor of the previous page"
-_CURSOR_MAX = 256
-
-
-def _short_cursor(value: str) -> str | None:
-    return value if len(value) <= _CURSOR_MAX else None
-
-
+IF_MATCH = Parameter(
+    "header", "If-Match", _TAG_LIST, description='`"3"`, `3`, `W/"3"`, a list, or `*`'
+)
+IF_NONE_MATCH = Parameter(
+    "header",
+    "If-None-Match",
+    _TAG_LIST,
+    description="the ETag you hold: 304 without a body while it is current",
+)
+STATUS = Parameter(
+    "query", "status", Field(), python_type=OrderStatus, description="only orders in this status"
+)
+LIMIT = Parameter("query", "limit", Field(ge=1, le=100, default=10), python_type=int)
 CURSOR = Parameter(
     "query",
     "cursor",
-    Annotated[str, Field(max_length=_CURSOR_MAX)],
-    {
-        "description": _CURSOR_DOC,
-        "schema": {
-            "type": "string",
-            "title": "Cursor",
-            "description": _CURSOR_DOC,
-            "maxLength": _CURSOR_MAX,
-            "pattern": CURSOR_PATTERN,
-        },
-    },
-    accept=_short_cursor,
+    Field(max_length=256, pattern="^[A-Za-z0-9_-]+$"),
+    description="opaque: the nextCursor of the previous page",
 )
+# confirm answers 428 without If-Match, after the body checks: so the handler checks presence
+# itself and the document declares the header required.
+REQUIRED_IF_MATCH_DOC = {
+    **IF_MATCH.doc,
+    "required": True,
+    "description": IF_MATCH.doc["description"] + "; without it: 428",
+}
 ORDER_ID_PARAMETER = {
     "name": "order_id",
     "in": "path",
@@ -304,17 +109,108 @@ ORDER_ID_PARAMETER = {
 }
 
 
+def parse_if_match(value: str) -> frozenset[int] | None:
+    """A checked If-Match (or If-None-Match) value: `*` -> None (any version), else the
+    versions it names.
+
+    Weak and bare tags count although RFC 9110 asks for strong comparison, because proxies
+    weaken ETags.
+    """
+    if value.strip(" \t") == "*":
+        return None
+    versions = set()
+    for quoted, bare in _TAG_VERSION.findall(value):
+        tag = quoted or bare
+        if _VERSION.fullmatch(tag) and int(tag) <= MAX_VERSION:
+            versions.add(int(tag))
+    return frozenset(versions)
+
+
+def orders_of(request: Request) -> OrderService:
+    """The service the lifespan built."""
+    service: OrderService = request.state.orders
+    return service
+
+
 def order_id_of(request: Request) -> uuid.UUID:
-    return parse_order_id(request.path_params["order_id"])
+    """A malformed id names no order: 404, like an unknown one."""
+    try:
+        return uuid.UUID(request.path_params["order_id"])
+    except ValueError:
+        raise NotFound("order not found") from None
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "`validation_error`: malformed headers, query, JSON or body",
+    401: "`unauthorized`: no valid tenant",
+    404: "`not_found`: no such order for this tenant",
+    409: "`conflict`: `details.reason` says which",
+    413: "`payload_too_large`: the body is over the limit",
+    415: "`unsupported_media_type`: a body that is not JSON",
+    428: "`precondition_required`: If-Match is missing",
+    503: "`unavailable`: the database cannot be reached",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of an orders operation: `codes`, plus the 401 and the 503 (database
+    outage) that every one of them can give."""
+    return {
+        code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]}
+        for code in sorted({*codes, 401, 503})
+    }
+
+
+# The request bodies by name; /openapi.json lists them under components (orders_api.openapi),
+# so that generated clients name their types after them.
+REQUEST_BODIES: dict[str, type[BaseModel]] = {}
+
+
+def _json_body(model: type[BaseModel], *, required: bool) -> dict[str, Any]:
+    REQUEST_BODIES[model.__name__] = model
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    content = {"application/json": {"schema": schema}}
+    return {"requestBody": {"required": required, "content": content}}
+
+
+# The headers of the success answers, as the handlers send them.
+_ETAG = {
+    "description": 'The order\'s version as an entity-tag (`"3"`): the If-Match of its next change',
+    "required": True,
+    "schema": {"type": "string", "pattern": '^"[1-9][0-9]*"$'},
+}
+_LOCATION = {
+    "description": "The order's URL, `/orders/{id}`",
+    "required": True,
+    "schema": {"type": "string", "format": "uri-reference"},
+}
+_REPLAYED = {
+    "description": "`true`: this is the stored answer to an earlier request with the same key",
+    "required": True,
+    "schema": {"type": "string", "enum": ["true"]},
+}
+_CHANGE_HEADERS = {
+    "ETag": _ETAG,
+    "Idempotent-Replayed": {
+        **_REPLAYED,
+        "required": False,
+        "description": "Sent (`true`) on a replay only: the stored answer to an earlier request "
+        "with the same Idempotency-Key",
+    },
+}
+_REPLAY_NOTE = (
+    "; with an Idempotency-Key already used for the same request, the stored answer, with "
+    "`Idempotent-Replayed: true`"
+)
 
 
 # OpenAPI links, so that clients (and schemathesis' stateful phase) can follow one order
-# through its life: the same tenant, the id from the body and the version from the ETag.
-_SAME_TENANT = {"header.X-Tenant-Id": "$request.header.X-Tenant-Id"}
+# through its life: the id from the body and the version from the ETag (the tenant is the
+# security scheme's, the same on every call).
 _ORDER_LINKS: dict[str, Any] = {
     "GetOrder": {
         "operationId": "getOrder",
-        "parameters": {"path.order_id": "$response.body#/id", **_SAME_TENANT},
+        "parameters": {"path.order_id": "$response.body#/id"},
     },
 }
 _CREATED_LINKS: dict[str, Any] = {
@@ -324,7 +220,6 @@ _CREATED_LINKS: dict[str, Any] = {
         "parameters": {
             "path.order_id": "$response.body#/id",
             "header.If-Match": "$response.header.ETag",
-            **_SAME_TENANT,
         },
     },
 }
@@ -335,7 +230,6 @@ _CONFIRMED_LINKS: dict[str, Any] = {
         "parameters": {
             "path.order_id": "$response.body#/id",
             "header.If-Match": "$response.header.ETag",
-            **_SAME_TENANT,
         },
     },
 }
@@ -344,7 +238,7 @@ _PAGE_LINKS: dict[str, Any] = {
         "operationId": "listOrders",
         "parameters": {
             "query.cursor": "$response.body#/nextCursor",
-            **_SAME_TENANT,
+            "query.status": "$request.query.status",
         },
     },
 }
@@ -356,138 +250,210 @@ _PAGE_LINKS: dict[str, Any] = {
     response_model=CreatedOrder,
     operation_id="createOrder",
     responses={
-        201: {"links": _CREATED_LINKS},
+        201: {
+            "description": "The new draft order",
+            "headers": {"Location": _LOCATION, "ETag": _ETAG},
+            "links": _CREATED_LINKS,
+        },
         200: {
             "model": CreatedOrder,
-            "description": "Replay of the original response",
+            "description": "A replay: the original answer to the same key and body",
+            "headers": {"Location": _LOCATION, "ETag": _ETAG, "Idempotent-Replayed": _REPLAYED},
             "links": _CREATED_LINKS,
         },
         **_errors(400, 409, 413, 415),
     },
     openapi_extra={
-        **_json_body(EmptyRequest, required=False),
-        "parameters": [IDEMPOTENCY_KEY.doc, TENANT_PARAMETER],
+        **_json_body(CreateOrderRequest, required=False),
+        "parameters": [IDEMPOTENCY_KEY.doc],
+        "security": TENANT_SECURITY,
     },
 )
 async def create_order(request: Request) -> Response:
+    """Create a draft order. A retry with the same Idempotency-Key and body, within the replay
+    window, answers 200 with the original response; the key with another body answers 409."""
     tenant = tenant_of(request)
     errors: list[dict[str, Any]] = []
-    key: str = IDEMPOTENCY_KEY.check(request.headers.get("idempotency-key"), errors)
+    key: str = IDEMPOTENCY_KEY.of(request, errors)
     check_parameters(errors)
-    state = request.app.state
+    orders = orders_of(request)
     data = await read_json(request)
     request_hash = idempotency.fingerprint(data)
-    now = state.clock()
-    window = state.idempotency_window
     try:
-        EmptyRequest.model_validate(data)
+        CreateOrderRequest.model_validate(data)
     except ValidationError as exc:
-        if await service.key_in_use(state.backend, tenant, key, request_hash, now, window):
-            IDEMPOTENCY["conflict"].inc()
-            raise service.key_reused() from None
+        if await orders.key_in_use(tenant, key, request_hash):
+            IDEMPOTENCY["create", "conflict"].inc()
+            raise key_reused() from None
         raise validation_failed(exc.errors(include_input=False), "invalid request body") from None
     try:
-        result = await service.create_order(state.backend, tenant, key, request_hash, now, window)
+        result = await orders.create(tenant, key, request_hash)
     except Conflict as exc:
         if (exc.details or {}).get("reason") == "idempotency_key_reused":
-            IDEMPOTENCY["conflict"].inc()
+            IDEMPOTENCY["create", "conflict"].inc()
         raise
-    IDEMPOTENCY["replayed" if result.replayed else "created"].inc()
+    IDEMPOTENCY["create", "replayed" if result.replayed else "created"].inc()
     headers = {"location": f"/orders/{result.order_id}", "etag": '"1"'}
     if result.replayed:
         headers["idempotent-replayed"] = "true"
     return encoded_response(result.body, 200 if result.replayed else 201, **headers)
 
 
-def _if_match(request: Request) -> str | None:
+def _change_parameters(request: Request) -> tuple[str | None, frozenset[int] | None, str | None]:
+    """If-Match as sent (None: absent), the versions it accepts (None: any), and the
+    Idempotency-Key of a confirm or close (None: absent)."""
     errors: list[dict[str, Any]] = []
-    value: str | None = IF_MATCH.check(request.headers.get("if-match"), errors)
+    if_match: str | None = IF_MATCH.of(request, errors)
+    key: str | None = CHANGE_IDEMPOTENCY_KEY.of(request, errors)
     check_parameters(errors)
-    return value
+    return if_match, None if if_match is None else parse_if_match(if_match), key
+
+
+async def _changed(
+    operation: str,
+    key: str | None,
+    change: Callable[[KeyUse | None], Awaitable[Encoded]],
+    fingerprint: Callable[[], str],
+) -> Response:
+    """Run a confirm or close, with its key when one was sent; the response with its ETag."""
+    use = None if key is None else KeyUse(key, fingerprint())
+    try:
+        result = await change(use)
+    except Conflict as exc:
+        if use is not None and (exc.details or {}).get("reason") == "idempotency_key_reused":
+            IDEMPOTENCY[operation, "conflict"].inc()
+        raise
+    headers = {"etag": f'"{result.version}"'}
+    if use is not None:
+        IDEMPOTENCY[operation, "replayed" if result.replayed else "created"].inc()
+    if result.replayed:
+        headers["idempotent-replayed"] = "true"
+    return encoded_response(result.body, 200, **headers)
 
 
 @router.patch(
     "/{order_id}/confirm",
     response_model=ConfirmedOrder,
     operation_id="confirmOrder",
-    responses={200: {"links": _CONFIRMED_LINKS}, **_errors(400, 404, 409, 413, 415, 428)},
+    responses={
+        200: {
+            "description": "The confirmed order" + _REPLAY_NOTE,
+            "headers": _CHANGE_HEADERS,
+            "links": _CONFIRMED_LINKS,
+        },
+        **_errors(400, 404, 409, 413, 415, 428),
+    },
     openapi_extra={
         **_json_body(ConfirmOrderRequest, required=True),
-        "parameters": [ORDER_ID_PARAMETER, TENANT_PARAMETER, _REQUIRED_IF_MATCH_DOC],
+        "parameters": [ORDER_ID_PARAMETER, REQUIRED_IF_MATCH_DOC, CHANGE_IDEMPOTENCY_KEY.doc],
+        "security": TENANT_SECURITY,
     },
 )
 async def confirm_order(request: Request) -> Response:
+    """Confirm a draft and set its total. If-Match must name the current version (a stale
+    one answers 409 `stale_version`); with an Idempotency-Key, a retry replays the answer."""
     tenant = tenant_of(request)
-    if_match = _if_match(request)
-    expected = parse_if_match(if_match) if if_match is not None else None
+    if_match, expected, key = _change_parameters(request)
     body = validate_body(ConfirmOrderRequest, await read_json(request))
     if if_match is None:
         raise PreconditionRequired("If-Match is required: send the ETag you read")
-    state = request.app.state
-    result = await service.confirm_order(
-        state.backend, tenant, order_id_of(request), expected, body.totalCents, state.clock()
+    order_id = order_id_of(request)
+    orders = orders_of(request)
+    return await _changed(
+        "confirm",
+        key,
+        lambda use: orders.confirm(tenant, order_id, expected, body.totalCents, use),
+        lambda: idempotency.change_fingerprint("confirm", order_id, expected, body.model_dump()),
     )
-    return encoded_response(result.body, etag=f'"{result.version}"')
 
 
 @router.post(
     "/{order_id}/close",
     response_model=ClosedOrder,
     operation_id="closeOrder",
-    responses={200: {"links": _ORDER_LINKS}, **_errors(400, 404, 409, 413, 415)},
+    responses={
+        200: {
+            "description": "The closed order" + _REPLAY_NOTE,
+            "headers": _CHANGE_HEADERS,
+            "links": _ORDER_LINKS,
+        },
+        **_errors(400, 404, 409, 413, 415),
+    },
     openapi_extra={
-        **_json_body(EmptyRequest, required=False),
-        "parameters": [ORDER_ID_PARAMETER, IF_MATCH.doc, TENANT_PARAMETER],
+        **_json_body(CloseOrderRequest, required=False),
+        "parameters": [ORDER_ID_PARAMETER, IF_MATCH.doc, CHANGE_IDEMPOTENCY_KEY.doc],
+        "security": TENANT_SECURITY,
     },
 )
 async def close_order(request: Request) -> Response:
+    """Close a confirmed order and record its `orders.closed` event in the same transaction.
+    If-Match, when sent, must name the current version; with an Idempotency-Key, a retry
+    replays the answer."""
     tenant = tenant_of(request)
-    if_match = _if_match(request)
-    expected = parse_if_match(if_match) if if_match is not None else None
-    validate_body(EmptyRequest, await read_json(request))
-    state = request.app.state
-    result = await service.close_order(
-        state.backend, tenant, order_id_of(request), expected, state.clock()
+    _, expected, key = _change_parameters(request)
+    body = validate_body(CloseOrderRequest, await read_json(request))
+    order_id = order_id_of(request)
+    orders = orders_of(request)
+    return await _changed(
+        "close",
+        key,
+        lambda use: orders.close(tenant, order_id, expected, use),
+        lambda: idempotency.change_fingerprint("close", order_id, expected, body.model_dump()),
     )
-    return encoded_response(result.body, etag=f'"{result.version}"')
 
 
 @router.get(
     "/{order_id}",
     response_model=Order,
     operation_id="getOrder",
-    responses=_errors(404),
-    openapi_extra={"parameters": [ORDER_ID_PARAMETER, TENANT_PARAMETER]},
+    responses={
+        200: {"description": "The order", "headers": {"ETag": _ETAG}},
+        304: {
+            "description": "Not Modified: If-None-Match names the current version (no body)",
+            "headers": {"ETag": _ETAG},
+        },
+        **_errors(400, 404),
+    },
+    openapi_extra={
+        "parameters": [ORDER_ID_PARAMETER, IF_NONE_MATCH.doc],
+        "security": TENANT_SECURITY,
+    },
 )
 async def get_order(request: Request) -> Response:
+    """One order of the tenant, its version as ETag. If-None-Match naming the current
+    version answers 304 without a body."""
     tenant = tenant_of(request)
-    result = await service.get_order(request.app.state.backend, tenant, order_id_of(request))
-    return encoded_response(result.body, etag=f'"{result.version}"')
+    errors: list[dict[str, Any]] = []
+    if_none_match: str | None = IF_NONE_MATCH.of(request, errors)
+    check_parameters(errors)
+    result = await orders_of(request).get(tenant, order_id_of(request))
+    etag = f'"{result.version}"'
+    if if_none_match is not None:
+        held = parse_if_match(if_none_match)
+        if held is None or result.version in held:  # weak comparison, as RFC 9110 asks
+            return Response(status_code=304, headers={"etag": etag})
+    return encoded_response(result.body, etag=etag)
 
 
 @router.get(
     "",
     response_model=OrderPage,
     operation_id="listOrders",
-    responses={200: {"links": _PAGE_LINKS}, **_errors(400)},
-    openapi_extra={"parameters": [LIMIT.doc, CURSOR.doc, TENANT_PARAMETER]},
+    responses={200: {"description": "A page of orders", "links": _PAGE_LINKS}, **_errors(400)},
+    openapi_extra={
+        "parameters": [LIMIT.doc, CURSOR.doc, STATUS.doc],
+        "security": TENANT_SECURITY,
+    },
 )
 async def list_orders(request: Request) -> Response:
+    """The tenant's orders, newest first, a page at a time: send `nextCursor` back as
+    `cursor` for the next page (it is null on the last). A cursor only works with the `status`
+    filter it was made with."""
     tenant = tenant_of(request)
-    query = request.query_params
     errors: list[dict[str, Any]] = []
-    limit = LIMIT.check(query.get("limit"), errors)
-    cursor: str | None = CURSOR.check(query.get("cursor"), errors)
+    limit: int = LIMIT.of(request, errors)
+    cursor: str | None = CURSOR.of(request, errors)
+    status: str | None = STATUS.of(request, errors)
     check_parameters(errors)
-    state = request.app.state
-    secret = await cursor_secret(state)
-    after = None
-    if cursor is not None:
-        try:
-            after = decode_cursor(secret, tenant, cursor)
-        except InvalidCursor as exc:
-            raise ValidationFailed(str(exc)) from None
-    page = await service.list_orders(
-        state.backend, tenant, 10 if limit is None else limit, after, secret
-    )
+    page = await orders_of(request).list_page(tenant, limit, cursor, status)
     return encoded_response(page)

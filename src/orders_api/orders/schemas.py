@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_TOTAL_CENTS = 2_147_483_647
 
@@ -19,10 +19,29 @@ class EmptyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Each operation names its own body in /openapi.json, so that generated clients get these
+# names and a field added to one body later does not change the other's type.
+class CreateOrderRequest(EmptyRequest):
+    """No fields are defined yet: send `{}` or no body."""
+
+
+class CloseOrderRequest(EmptyRequest):
+    """No fields are defined yet: send `{}` or no body."""
+
+
+def _integral(value: object) -> object:
+    """A JSON number with no fraction (`12.0`, `1e2`) is an integer, as in JSON Schema."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class ConfirmOrderRequest(BaseModel):
+    """The total of the order, in cents."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    totalCents: int = Field(ge=0, le=MAX_TOTAL_CENTS)
+    totalCents: Annotated[int, BeforeValidator(_integral)] = Field(ge=0, le=MAX_TOTAL_CENTS)
 
 
 class CreatedOrder(BaseModel):

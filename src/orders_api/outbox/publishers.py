@@ -132,8 +132,10 @@ class JetStreamPublisher:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self._url = settings.nats_url
+        # One server or a comma-separated list (a cluster): the client fails over between them.
+        self._servers = [url.strip() for url in settings.nats_url.split(",") if url.strip()]
         self._stream = settings.relay_stream
+        self._replicas = settings.relay_stream_replicas
         self._prefix = settings.relay_subject_prefix
         self._subjects = [
             subject.strip()
@@ -156,7 +158,7 @@ class JetStreamPublisher:
     async def start(self, stop: asyncio.Event, give_up_after_s: float | None = None) -> bool:
         connecting = asyncio.create_task(
             nats.connect(
-                self._url,
+                self._servers,
                 name="orders-api-relay",
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -181,7 +183,11 @@ class JetStreamPublisher:
             return False
         self._nc = connecting.result()
         self._js = self._nc.jetstream(timeout=self._timeout)
-        log.info("broker connected", url=_redacted(self._url), stream=self._stream)
+        log.info(
+            "broker connected",
+            servers=[_redacted(url) for url in self._servers],
+            stream=self._stream,
+        )
         return True
 
     async def prepare(self) -> None:
@@ -198,9 +204,15 @@ class JetStreamPublisher:
                     subjects=self._subjects,
                     storage=StorageType.FILE,
                     duplicate_window=self._duplicate_window,
+                    num_replicas=self._replicas,
                 )
             )
-            log.info("stream created", stream=self._stream, subjects=self._subjects)
+            log.info(
+                "stream created",
+                stream=self._stream,
+                subjects=self._subjects,
+                replicas=self._replicas,
+            )
         self._stream_ready = True
 
     async def publish(self, event: OutboxEvent) -> bool:

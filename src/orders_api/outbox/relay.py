@@ -3,7 +3,7 @@
 Delivery guarantee, and the steps that keep it:
 
 1. Claim: one short transaction leases a batch of due rows (`attempts + 1`,
-   `next_attempt_at = now + lease`) and commits before anything is sent. On PostgreSQL
+   `next_attempt_at = now + lease`) and commits before anything is sent.
    `FOR UPDATE SKIP LOCKED` gives concurrent relays disjoint rows; once committed, the
    lease keeps the rows away from every relay until it expires. No transaction is open
    while the broker is called.
@@ -35,12 +35,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders_api.config import Settings
+from orders_api.db import parse_database_url
+from orders_api.errors import DATABASE_ERRORS
 from orders_api.outbox import NOTIFY_CHANNEL, repository
 from orders_api.outbox.models import OutboxEvent
 from orders_api.outbox.publishers import (
@@ -49,6 +47,7 @@ from orders_api.outbox.publishers import (
     build_publisher,
     is_transient,
 )
+from orders_api.pool import Pool
 
 log = structlog.get_logger("orders_api.relay")
 
@@ -75,6 +74,8 @@ DELIVERY_LAG = Histogram(
 )
 
 RETENTION_BATCH = 1000
+# Failures that pause the relay (and are retried), rather than end it.
+_OUTAGES: tuple[type[BaseException], ...] = (BrokerUnavailable, *DATABASE_ERRORS)
 STATS_INTERVAL_S = 5.0
 
 Clock = Callable[[], datetime]
@@ -104,14 +105,14 @@ class Relay:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        pool: Pool,
         publisher: Publisher,
         settings: Settings,
         *,
         clock: Clock = utc_now,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._engine = engine
+        self._pool = pool
         self._publisher = publisher
         self._settings = settings
         self._clock = clock
@@ -148,11 +149,9 @@ class Relay:
         # keeps the pending gauges and retention going), whether the broker is down or slow.
         connecting = asyncio.create_task(self._publisher.start(self._stop))
         await asyncio.wait({connecting}, timeout=self._settings.relay_publish_timeout_ms / 1000)
-        listener = (
-            asyncio.create_task(self._listen())
-            if self._engine.dialect.name == "postgresql"
-            else None
-        )
+        # Behind PgBouncer in transaction mode no session outlives a transaction: poll only.
+        pgbouncer = parse_database_url(self._settings.database_url).pgbouncer
+        listener = None if pgbouncer else asyncio.create_task(self._listen())
         outages = 0
         next_stats = next_retention = 0.0
         try:
@@ -168,7 +167,7 @@ class Relay:
                     await self._guarded(self.purge_published())
                 try:
                     await self.drain()
-                except (BrokerUnavailable, SQLAlchemyError, OSError, TimeoutError) as exc:
+                except _OUTAGES as exc:
                     outages += 1
                     delay = backoff_delay(outages, self._base_s, self._max_s, self._rand)
                     log.warning(
@@ -232,7 +231,7 @@ class Relay:
 
     async def process_batch(self) -> BatchResult:
         """Claim (short transaction), publish with no transaction open, record (short one)."""
-        async with self._engine.begin() as conn:
+        async with self._pool.transaction() as conn:
             events = await repository.claim_due(conn, self._clock(), self._batch_size, self._lease)
         if not events:
             return BatchResult(0, 0, 0, 0, 0)
@@ -252,7 +251,7 @@ class Relay:
                 delivered.append(event)
                 duplicates += outcome
         failures = [self._failure(event, exc, now) for event, exc in rejected]
-        async with self._engine.begin() as conn:
+        async with self._pool.transaction() as conn:
             published = (
                 await repository.mark_published(conn, [e.id for e in delivered], now)
                 if delivered
@@ -331,7 +330,7 @@ class Relay:
         cutoff = self._clock() - self._retention
         total = 0
         while True:
-            async with self._engine.begin() as conn:
+            async with self._pool.transaction() as conn:
                 deleted = await repository.delete_published_before(conn, cutoff, RETENTION_BATCH)
             total += deleted
             if deleted < RETENTION_BATCH or self._stop.is_set():
@@ -342,7 +341,7 @@ class Relay:
         return total
 
     async def refresh_stats(self) -> repository.PendingStats:
-        async with self._engine.connect() as conn:
+        async with self._pool.transaction() as conn:
             stats = await repository.pending_stats(conn)
         PENDING_ROWS.set(stats.rows)
         oldest = stats.oldest_created_at
@@ -355,7 +354,7 @@ class Relay:
         """Housekeeping must not stop delivery: a failure is logged and tried again later."""
         try:
             await work
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("housekeeping failed", error=_describe(exc))
 
     async def _wait_for_work(self) -> None:
@@ -376,15 +375,10 @@ class Relay:
 
     async def _listen(self) -> None:
         """LISTEN on a dedicated connection; polling covers any gap while it reconnects."""
-        dsn = make_url(self._settings.database_url).set(drivername="postgresql")
         while not self._stop.is_set():
             conn = None
             try:
-                conn = await asyncpg.connect(
-                    dsn.render_as_string(hide_password=False),
-                    timeout=5,
-                    server_settings={"application_name": "orders-api-relay"},
-                )
+                conn = await self._pool.connect()
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
@@ -423,20 +417,14 @@ def _describe(exc: BaseException) -> str:
 
 def run_relay(settings: Settings, *, once: bool) -> int:
     """The `orders-api relay` command."""
-    if settings.should_migrate_on_start:
-        from orders_api.migrations import upgrade
-
-        upgrade(settings.database_url)
     if settings.relay_metrics_port > 0:
         start_http_server(settings.relay_metrics_port, addr=settings.relay_metrics_host)
     return asyncio.run(_relay_main(settings, once=once))
 
 
 async def _relay_main(settings: Settings, *, once: bool) -> int:
-    from orders_api.db import create_engine
-
-    engine = create_engine(settings, pool_size=2)
-    relay = Relay(engine, build_publisher(settings), settings)
+    pool = Pool.from_settings("relay", settings, max_size=2)
+    relay = Relay(pool, build_publisher(settings), settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, relay.stop)
@@ -452,7 +440,7 @@ async def _relay_main(settings: Settings, *, once: bool) -> int:
         await relay.run()
         return 0
     finally:
-        await engine.dispose()
+        await pool.close()
 
 
 def requeue(settings: Settings, ids: Collection[uuid.UUID] | None) -> int:
@@ -461,17 +449,14 @@ def requeue(settings: Settings, ids: Collection[uuid.UUID] | None) -> int:
 
 
 async def _requeue_main(settings: Settings, ids: Collection[uuid.UUID] | None) -> int:
-    from orders_api.db import create_engine
-
-    engine = create_engine(settings, pool_size=1)
+    pool = Pool.from_settings("relay", settings, max_size=1)
     try:
-        async with engine.begin() as conn:
+        async with pool.transaction() as conn:
             requeued = await repository.requeue_dead(conn, utc_now(), ids)
-            if requeued and conn.dialect.name == "postgresql":
-                notify = text("SELECT pg_notify(:channel, '')")
-                await conn.execute(notify, {"channel": NOTIFY_CHANNEL})
+            if requeued:
+                await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
     finally:
-        await engine.dispose()
+        await pool.close()
     log.info("requeued dead outbox rows", count=len(requeued), ids=[str(i) for i in requeued])
     sys.stdout.write(f"requeued {len(requeued)} dead outbox row(s)\n")
     if ids is not None and len(requeued) < len(set(ids)):

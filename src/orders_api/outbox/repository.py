@@ -7,56 +7,66 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, case, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+import asyncpg
+import orjson
 
-from orders_api.db import outbox
 from orders_api.outbox.models import OutboxEvent
 
-_PENDING = (outbox.c.published_at.is_(None), outbox.c.dead_at.is_(None))
+_PENDING = "published_at IS NULL AND dead_at IS NULL"
+
+# FOR UPDATE SKIP LOCKED lets concurrent relays take disjoint rows; once committed, the lease
+# (next_attempt_at in the future) keeps the claim out of everyone's reach until it expires.
+_CLAIM_DUE = f"""UPDATE outbox
+SET attempts = attempts + 1, next_attempt_at = $2
+WHERE id IN (
+    SELECT id FROM outbox
+    WHERE {_PENDING} AND next_attempt_at <= $1
+    ORDER BY next_attempt_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, event_type, order_id, tenant_id, payload::text, created_at, attempts
+"""
+_MARK_PUBLISHED = """UPDATE outbox SET published_at = $2, dead_at = NULL, last_error = NULL
+WHERE id = ANY($1::uuid[]) AND published_at IS NULL
+"""
+_RECORD_FAILURE = """UPDATE outbox SET next_attempt_at = $2, dead_at = $3, last_error = $4
+WHERE id = $1 AND published_at IS NULL
+"""
+_RELEASE = f"""UPDATE outbox
+SET attempts = GREATEST(attempts - 1, 0), next_attempt_at = $2, last_error = $3
+WHERE id = ANY($1::uuid[]) AND {_PENDING}
+"""
+_REQUEUE_DEAD = """UPDATE outbox SET dead_at = NULL, attempts = 0, next_attempt_at = $1
+WHERE dead_at IS NOT NULL AND published_at IS NULL AND ($2::uuid[] IS NULL OR id = ANY($2))
+RETURNING id
+"""
+_DELETE_PUBLISHED = """DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox WHERE published_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+"""
+_PENDING_STATS = f"SELECT count(*), min(created_at) FROM outbox WHERE {_PENDING}"
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag such as `UPDATE 3`."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def claim_due(
-    conn: AsyncConnection, now: datetime, limit: int, lease: timedelta
+    conn: asyncpg.Connection, now: datetime, limit: int, lease: timedelta
 ) -> list[OutboxEvent]:
-    """Lease up to `limit` due rows: attempts + 1, next_attempt_at = now + lease.
-
-    On PostgreSQL `FOR UPDATE SKIP LOCKED` lets concurrent relays take disjoint rows, and the
-    lease keeps a committed claim out of everyone else's reach until it expires (a relay that
-    died mid-batch); SQLite renders no FOR UPDATE and its write lock serialises the claims.
-    Rows come back oldest due first.
-    """
-    due = (
-        select(outbox.c.id)
-        .where(*_PENDING, outbox.c.next_attempt_at <= now)
-        .order_by(outbox.c.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    stmt = (
-        update(outbox)
-        .where(outbox.c.id.in_(due.scalar_subquery()))
-        .values(attempts=outbox.c.attempts + 1, next_attempt_at=now + lease)
-        .returning(
-            outbox.c.id,
-            outbox.c.event_type,
-            outbox.c.order_id,
-            outbox.c.tenant_id,
-            outbox.c.payload,
-            outbox.c.created_at,
-            outbox.c.attempts,
-        )
-    )
-    rows = (await conn.execute(stmt)).all()
+    """Lease up to `limit` due rows (attempts + 1, next_attempt_at = now + lease), oldest first."""
+    rows = await conn.fetch(_CLAIM_DUE, now, now + lease, limit)
     events = [
         OutboxEvent(
-            id=row.id,
-            event_type=row.event_type,
-            order_id=row.order_id,
-            tenant_id=row.tenant_id,
-            payload=row.payload,
-            created_at=row.created_at,
-            attempts=row.attempts,
+            id=row[0],
+            event_type=row[1],
+            order_id=row[2],
+            tenant_id=row[3],
+            payload=orjson.loads(row[4]),
+            created_at=row[5],
+            attempts=row[6],
         )
         for row in rows
     ]
@@ -64,14 +74,11 @@ async def claim_due(
     return events
 
 
-async def mark_published(conn: AsyncConnection, ids: Collection[uuid.UUID], now: datetime) -> int:
+async def mark_published(
+    conn: asyncpg.Connection, ids: Collection[uuid.UUID], now: datetime
+) -> int:
     """The broker acked these: they are delivered, whatever a racing relay recorded meanwhile."""
-    stmt = (
-        update(outbox)
-        .where(outbox.c.id.in_(list(ids)), outbox.c.published_at.is_(None))
-        .values(published_at=now, dead_at=None, last_error=None)
-    )
-    return (await conn.execute(stmt)).rowcount
+    return _count(await conn.execute(_MARK_PUBLISHED, list(ids), now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,67 +89,31 @@ class Failure:
     error: str
 
 
-async def record_failures(conn: AsyncConnection, failures: Sequence[Failure]) -> None:
+async def record_failures(conn: asyncpg.Connection, failures: Sequence[Failure]) -> None:
     """A failed attempt that counts: retry later (backoff) or park as dead."""
-    stmt = (
-        update(outbox)
-        .where(outbox.c.id == bindparam("b_id"), outbox.c.published_at.is_(None))
-        .values(
-            next_attempt_at=bindparam("b_next"),
-            dead_at=bindparam("b_dead"),
-            last_error=bindparam("b_error"),
-        )
-    )
-    await conn.execute(
-        stmt,
-        [
-            {"b_id": f.id, "b_next": f.next_attempt_at, "b_dead": f.dead_at, "b_error": f.error}
-            for f in failures
-        ],
+    await conn.executemany(
+        _RECORD_FAILURE, [(f.id, f.next_attempt_at, f.dead_at, f.error) for f in failures]
     )
 
 
 async def release(
-    conn: AsyncConnection, ids: Collection[uuid.UUID], now: datetime, error: str
+    conn: asyncpg.Connection, ids: Collection[uuid.UUID], now: datetime, error: str
 ) -> None:
     """Hand leased rows back after the broker was unreachable: the attempt is not charged."""
-    stmt = (
-        update(outbox)
-        .where(outbox.c.id.in_(list(ids)), *_PENDING)
-        .values(
-            attempts=case((outbox.c.attempts > 0, outbox.c.attempts - 1), else_=0),
-            next_attempt_at=now,
-            last_error=error,
-        )
-    )
-    await conn.execute(stmt)
+    await conn.execute(_RELEASE, list(ids), now, error)
 
 
 async def requeue_dead(
-    conn: AsyncConnection, now: datetime, ids: Collection[uuid.UUID] | None = None
+    conn: asyncpg.Connection, now: datetime, ids: Collection[uuid.UUID] | None = None
 ) -> list[uuid.UUID]:
     """Dead rows (all, or the given ones) become pending again with a fresh attempt budget."""
-    stmt = (
-        update(outbox)
-        .where(outbox.c.dead_at.is_not(None), outbox.c.published_at.is_(None))
-        .values(dead_at=None, attempts=0, next_attempt_at=now)
-        .returning(outbox.c.id)
-    )
-    if ids is not None:
-        stmt = stmt.where(outbox.c.id.in_(list(ids)))
-    return list((await conn.execute(stmt)).scalars())
+    rows = await conn.fetch(_REQUEUE_DEAD, now, None if ids is None else list(ids))
+    return [row[0] for row in rows]
 
 
-async def delete_published_before(conn: AsyncConnection, cutoff: datetime, limit: int) -> int:
+async def delete_published_before(conn: asyncpg.Connection, cutoff: datetime, limit: int) -> int:
     """Delete at most `limit` rows published before `cutoff` (one bounded batch)."""
-    doomed = (
-        select(outbox.c.id)
-        .where(outbox.c.published_at < cutoff)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    stmt = delete(outbox).where(outbox.c.id.in_(doomed.scalar_subquery()))
-    return (await conn.execute(stmt)).rowcount
+    return _count(await conn.execute(_DELETE_PUBLISHED, cutoff, limit))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +122,7 @@ class PendingStats:
     oldest_created_at: datetime | None
 
 
-async def pending_stats(conn: AsyncConnection) -> PendingStats:
+async def pending_stats(conn: asyncpg.Connection) -> PendingStats:
     """Rows not yet delivered nor parked (in flight included), and the oldest one's age."""
-    stmt = select(func.count(), func.min(outbox.c.created_at)).where(*_PENDING)
-    count, oldest = (await conn.execute(stmt)).one()
-    return PendingStats(rows=int(count), oldest_created_at=oldest)
+    row = await conn.fetchrow(_PENDING_STATS)
+    return PendingStats(rows=int(row[0]), oldest_created_at=row[1])

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-
-from orders_api.db import JsonDocument, UtcDateTime
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -31,8 +30,8 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("version", sa.Integer(), server_default=sa.text("1"), nullable=False),
         sa.Column("total_cents", sa.Integer(), nullable=True),
-        sa.Column("created_at", UtcDateTime(), nullable=False),
-        sa.Column("updated_at", UtcDateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
             "status IN ('draft', 'confirmed', 'closed')", name=op.f("ck_orders_status")
         ),
@@ -50,13 +49,13 @@ def upgrade() -> None:
         sa.Column("event_type", sa.String(64), nullable=False),
         sa.Column("order_id", sa.Uuid(), nullable=False),
         sa.Column("tenant_id", sa.String(64), nullable=False),
-        sa.Column("payload", JsonDocument, nullable=False),
-        sa.Column("created_at", UtcDateTime(), nullable=False),
-        sa.Column("published_at", UtcDateTime(), nullable=True),
+        sa.Column("payload", postgresql.JSONB(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
-        sa.Column("next_attempt_at", UtcDateTime(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.Column("dead_at", UtcDateTime(), nullable=True),
+        sa.Column("dead_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
     )
     op.create_index(
@@ -64,7 +63,6 @@ def upgrade() -> None:
         "outbox",
         ["next_attempt_at"],
         postgresql_where=sa.text(PENDING),
-        sqlite_where=sa.text(PENDING),
     )
     op.create_index("ix_outbox_order_event", "outbox", ["order_id", "event_type"], unique=True)
     op.create_table(
@@ -73,8 +71,8 @@ def upgrade() -> None:
         sa.Column("key", sa.String(255), nullable=False),
         sa.Column("request_hash", sa.String(64), nullable=False),
         sa.Column("status_code", sa.Integer(), nullable=False),
-        sa.Column("response_json", JsonDocument, nullable=False),
-        sa.Column("created_at", UtcDateTime(), nullable=False),
+        sa.Column("response_json", postgresql.JSONB(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "key", name=op.f("pk_idempotency_keys")),
     )
     op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])

@@ -26,7 +26,6 @@ def upgrade() -> None:
         "outbox",
         ["published_at"],
         postgresql_where=sa.text(PUBLISHED),
-        sqlite_where=sa.text(PUBLISHED),
     )
 
 
