@@ -161,6 +161,13 @@ def parse_database_url(url: str) -> Database:
             pgbouncer = True
         elif value.lower() not in _FALSE:
             raise DatabaseUrlError(f"DATABASE_URL: pgbouncer must be true or false, not {value!r}")
+    if pgbouncer and "," in location.split("/", 1)[0]:
+        # PgBouncer 1.18 reports the role (in_hot_standby) of the server it first connected
+        # to, so a client cannot tell a demoted primary's bouncer from the new primary's.
+        raise DatabaseUrlError(
+            "DATABASE_URL: with pgbouncer=true give one host, a PgBouncer that follows the "
+            "primary; several hosts behind PgBouncers cannot fail over"
+        )
     dsn = f"postgresql://{location}" + (f"?{'&'.join(kept)}" if kept else "")
     return Database(dsn, pgbouncer)
 
