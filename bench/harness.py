@@ -12,10 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,12 @@ async def recreate_database(name: str) -> None:
         await conn.close()
 
 
-def fresh_database(name: str) -> str:
-    """A new, migrated database; returns its URL."""
+def fresh_database(name: str, bin_dir: Path = VENV_BIN) -> str:
+    """A new database migrated by `bin_dir`'s orders-api; returns its URL."""
     asyncio.run(recreate_database(name))
     url = database_url(name)
     subprocess.run(
-        [str(VENV_BIN / "orders-api"), "migrate"],
+        [str(bin_dir / "orders-api"), "migrate"],
         env={**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING"},
         check=True,
     )
@@ -80,7 +81,7 @@ class Server:
     log_path: Path
 
     def worker_pids(self) -> list[int]:
-        """uvicorn's worker processes: children of the master, minus multiprocessing helpers."""
+        """The server's worker processes: children of the master, minus multiprocessing helpers."""
         pids = []
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
@@ -94,17 +95,25 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(url: str, workers: int, log_name: str) -> Iterator[Server]:
-    """`orders-api serve --workers N` on PostgreSQL with production settings (the defaults)."""
+def serve(
+    url: str,
+    workers: int,
+    log_name: str,
+    bin_dir: Path = VENV_BIN,
+    extra_args: Sequence[str] = (),
+) -> Iterator[Server]:
+    """`orders-api serve --workers N` on PostgreSQL with production settings (the defaults);
+    `bin_dir` picks the installation (another checkout's venv), `extra_args` e.g. --server."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = RESULTS / f"{log_name}.server.log"
     env = {**os.environ, "DATABASE_URL": url}
-    for name in ("LOG_LEVEL", "OTEL_EXPORTER", "DB_POOL_SIZE", "WORKERS"):
+    for name in ("LOG_LEVEL", "OTEL_EXPORTER", "DB_POOL_SIZE", "WORKERS", "SERVER"):
         env.pop(name, None)
+    command = [str(bin_dir / "orders-api"), "serve", "--workers", str(workers), "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "orders-api"), "serve", "--workers", str(workers), "--port", str(port)],
+            [*command, *extra_args],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -340,7 +349,80 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gb": round(mem_kb / 1024 / 1024, 1),
         "python": sys.version.split()[0],
+        "loadavg_at_end": loadavg(),
     }
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15-minute load averages: how busy the shared machine was."""
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
+
+
+def as_postgres(command: Sequence[str]) -> list[str]:
+    """A command run as the postgres OS user (server binaries refuse root)."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *command]
+    return list(command)
+
+
+def wait_port(port: int, within_s: float = 15) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {within_s}s")
+
+
+@contextlib.contextmanager
+def pgbouncer(upstream_url: str, pool_size: int = 20) -> Iterator[int]:
+    """PgBouncer in transaction mode in front of the server of `upstream_url`, on a private
+    port with its own ini under /tmp, run as the postgres user; yields its port. Debian's
+    `pgbouncer` package is installed when missing (1.18 on bookworm)."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run([*sudo, "apt-get", "install", "-y", "pgbouncer"], check=True)
+    upstream = make_url(upstream_url)
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="orders-bench-pgbouncer-"))
+    (folder / "userlist.txt").write_text(f'"{upstream.username or "postgres"}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        f"""[databases]
+* = host={upstream.host or "127.0.0.1"} port={upstream.port or 5432}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {folder}/userlist.txt
+pool_mode = transaction
+ignore_startup_parameters = extra_float_digits
+max_client_conn = 1000
+default_pool_size = {pool_size}
+logfile = {folder}/pgbouncer.log
+"""
+    )
+    shutil.chown(folder, "postgres")
+    for child in folder.iterdir():
+        shutil.chown(child, "postgres")
+    process = subprocess.Popen(
+        as_postgres([binary, str(folder / "pgbouncer.ini")]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def median(values: list[float]) -> float:

@@ -8,11 +8,13 @@ throughput  a backlog of outbox rows drained by one in-process relay (batch 100 
             by two `orders-api relay` processes at once (both woken by the insert's NOTIFY).
 latency     one `orders-api relay` process with default settings (LISTEN/NOTIFY wake-up).
             sql: confirmed orders closed at a steady rate with the API's own close statement
-            (orders/pg.py CLOSE, autocommit: committed when it returns) from a light asyncpg
-            client; latency = message received by a NATS subscriber on orders.closed - close
-            statement returned. http: the same through `orders-api serve --workers 2`,
-            measured from the request being sent. Both also report the database's view,
-            published_at - created_at (close's clock reading -> relay's reading after the ack).
+            (orders/store.py CLOSE, autocommit: committed when it returns) and, as the API
+            does, the coalesced wake-up after the commit (WAKE_RELAY, at most one in flight)
+            from a light asyncpg client; latency = message received by a NATS subscriber
+            on orders.closed - close statement returned. http: the same through
+            `orders-api serve --workers 2`, measured from the request being sent. Both
+            also report the database's view, published_at - created_at (close's clock
+            reading -> relay's reading after the ack).
             A rate the closer could not sustain is marked saturated: its latency is queueing.
 """
 
@@ -49,11 +51,12 @@ from bench.harness import (
     write_results,
 )
 from orders_api.config import Settings
-from orders_api.db import create_engine
 from orders_api.observability import configure_logging
-from orders_api.orders.pg import CLOSE
+from orders_api.orders.store import CLOSE, WAKE_RELAY
+from orders_api.outbox import RelayWakeUp
 from orders_api.outbox.publishers import JetStreamPublisher
 from orders_api.outbox.relay import Relay
+from orders_api.pool import Pool
 
 DATABASE = "orders_bench_relay"
 IN_FLIGHT = 16
@@ -176,12 +179,12 @@ async def throughput_in_process(url: str, nats_url: str, rows: int, batch: int) 
         }
     )
     conn = await asyncpg.connect(url)
-    engine = create_engine(settings, pool_size=2)
+    pool = Pool.from_settings("relay", settings, max_size=2)
     publisher = JetStreamPublisher(settings)
     try:
         await conn.execute("TRUNCATE outbox, orders")
         await conn.fetchval(SEED_OUTBOX, rows)
-        relay = Relay(engine, publisher, settings)
+        relay = Relay(pool, publisher, settings)
         assert await publisher.start(asyncio.Event(), 10)
         await publisher.prepare()
         started = time.perf_counter()
@@ -191,7 +194,7 @@ async def throughput_in_process(url: str, nats_url: str, rows: int, batch: int) 
         assert await pending(conn) == 0
     finally:
         await publisher.close()
-        await engine.dispose()
+        await pool.close()
         await conn.close()
     rate = rows / elapsed
     out(f"  1 relay in-process, batch {batch:>4}: {rows} rows in {elapsed:.2f} s = {rate:,.0f}/s")
@@ -251,6 +254,7 @@ async def latency(
     count = int(rate * seconds)
     conn = await asyncpg.connect(url)
     pool = await asyncpg.create_pool(url, min_size=IN_FLIGHT, max_size=IN_FLIGHT)
+    wake_relay = RelayWakeUp(lambda: pool.execute(WAKE_RELAY))
     try:
         ids = [r["id"] for r in await conn.fetch(SEED_CONFIRMED, tenant, count)]
         closed: dict[str, float] = {}
@@ -282,12 +286,13 @@ async def latency(
                     now = datetime.now(UTC)
                     closed_at = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                     version = await pool.fetchval(
-                        CLOSE, order_id, tenant, None, now, uuid.uuid4(), closed_at
+                        CLOSE, order_id, tenant, None, now, uuid.uuid4(), closed_at, None, None
                     )
                     committed = time.perf_counter()
                 if version is None:
                     errors += 1
                     return
+                wake_relay()
                 closed[str(order_id)] = committed
 
             close = close_over_http if base_url else close_in_sql
@@ -310,6 +315,7 @@ async def latency(
             tenant,
         )
     finally:
+        await wake_relay.close()
         await pool.close()
         await conn.close()
     lost = [order_id for order_id in closed if order_id not in received]

@@ -28,7 +28,7 @@ from bench.harness import (
     write_results,
 )
 from bench.run import deep_cursor, insert_orders
-from orders_api.orders import pg
+from orders_api.orders import store
 
 TOTAL_ORDERS = 1_000_000
 TENANTS = 100
@@ -51,11 +51,11 @@ ORDER BY ts
 """
 
 
-def tenant_sizes() -> dict[str, int]:
+def tenant_sizes(total: int = TOTAL_ORDERS) -> dict[str, int]:
     """Zipf: tenant k holds a share proportional to 1/k; the rounding remainder goes to k=1."""
     harmonic = sum(1 / k for k in range(1, TENANTS + 1))
-    sizes = {f"scale-{k:03d}": int(TOTAL_ORDERS / (k * harmonic)) for k in range(1, TENANTS + 1)}
-    sizes["scale-001"] += TOTAL_ORDERS - sum(sizes.values())
+    sizes = {f"scale-{k:03d}": int(total / (k * harmonic)) for k in range(1, TENANTS + 1)}
+    sizes["scale-001"] += total - sum(sizes.values())
     return sizes
 
 
@@ -71,11 +71,11 @@ async def bulk_load(url: str, sizes: dict[str, int]) -> float:
 
 
 async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
-    """EXPLAIN (ANALYZE, BUFFERS) of the API's list statement (orders_api.orders.pg), for the
+    """EXPLAIN (ANALYZE, BUFFERS) of the API's list statement (orders_api.orders.store), for the
     first page or the page `depth` rows in."""
     conn = await asyncpg.connect(url)
     try:
-        sql, params = pg.LIST_FIRST_PAGE, [tenant, 11]
+        sql, params = store.LIST_FIRST_PAGE, [tenant, 11]
         if depth:
             row = await conn.fetchrow(
                 "SELECT created_at, id FROM orders WHERE tenant_id = $1"
@@ -84,7 +84,7 @@ async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
                 depth - 1,
             )
             assert row is not None
-            sql, params = pg.LIST_AFTER_CURSOR, [tenant, 11, row["created_at"], row["id"]]
+            sql, params = store.LIST_AFTER_CURSOR, [tenant, 11, row["created_at"], row["id"]]
         # A generic plan is what a prepared statement runs after its first executions.
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)
@@ -112,13 +112,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--database", default="orders_bench_scale")
+    parser.add_argument(
+        "--orders", type=int, default=TOTAL_ORDERS, help="bulk-loaded (>= 260,000: the deep page)"
+    )
     args = parser.parse_args()
     duration, conns = args.duration, args.connections
 
     out(f"== fresh database {args.database}, migrated")
     url = fresh_database(args.database)
     asyncio.run(insert_orders(url, SMALL_TENANT, 100))
-    sizes = tenant_sizes()
+    sizes = tenant_sizes(args.orders)
+    n = "1M" if args.orders == TOTAL_ORDERS else f"{args.orders:,}"
     big = max(sizes, key=lambda name: sizes[name])
     results: dict[str, LoadResult] = {}
 
@@ -136,32 +140,32 @@ def main() -> int:
         load("list first (empty)", "list.lua", 200, {"BENCH_TENANT": SMALL_TENANT}, base)
 
         out(
-            f"== bulk load: {TOTAL_ORDERS:,} orders over {TENANTS} tenants (biggest {big}: "
+            f"== bulk load: {args.orders:,} orders over {TENANTS} tenants (biggest {big}: "
             f"{sizes[big]:,} rows)"
         )
         seconds = asyncio.run(bulk_load(url, sizes))
         out(f"  loaded and analysed in {seconds:.0f}s")
         cursor = deep_cursor(server, big, DEEP)
 
-        out(f"== with {TOTAL_ORDERS:,} orders")
-        load("list first (1M)", "list.lua", 200, {"BENCH_TENANT": big}, base)
+        out(f"== with {args.orders:,} orders")
+        load(f"list first ({n})", "list.lua", 200, {"BENCH_TENANT": big}, base)
         load(
-            f"list {DEEP:,} deep (1M)",
+            f"list {DEEP:,} deep ({n})",
             "list.lua",
             200,
             {"BENCH_TENANT": big, "BENCH_CURSOR": cursor},
             base,
         )
-        load("create (1M)", "create.lua", 201, {"BENCH_KEY_PREFIX": "loaded"}, base)
+        load(f"create ({n})", "create.lua", 201, {"BENCH_KEY_PREFIX": "loaded"}, base)
         workers = {pid: memory_mb(pid) for pid in server.worker_pids()}
 
     plans = {
         "first": asyncio.run(explain(url, big, 0)),
         "deep": asyncio.run(explain(url, big, DEEP)),
     }
-    first = results["list first (1M)"]
-    deep = results[f"list {DEEP:,} deep (1M)"]
-    create_empty, create_loaded = results["create (empty)"], results["create (1M)"]
+    first = results[f"list first ({n})"]
+    deep = results[f"list {DEEP:,} deep ({n})"]
+    create_empty, create_loaded = results["create (empty)"], results[f"create ({n})"]
     ratios = {
         "deep_over_first_p50": round(deep.p50_ms / first.p50_ms, 3),
         "deep_over_first_rps": round(first.rps / deep.rps, 3),
@@ -185,7 +189,8 @@ def main() -> int:
         f"{ratios['deep_over_first_rps']:.2f}"
     )
     out(
-        f"create p50 with 1M orders / before the load: {ratios['create_loaded_over_empty_p50']:.2f}"
+        f"create p50 with {n} orders / before the load: "
+        f"{ratios['create_loaded_over_empty_p50']:.2f}"
     )
     for name, plan in plans.items():
         verdict = "PASS" if plan["index_scan"] and not plan["sort"] else "FAIL"

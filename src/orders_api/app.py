@@ -5,19 +5,20 @@ Every request takes one path, built from public Starlette and FastAPI pieces:
     [OpenTelemetry ASGI middleware, when tracing]
     RequestContextMiddleware      request id, size limits, metrics, access log of failures
     ServerErrorMiddleware         a bug -> the bland 500 (and on up to the server's log)
-    ExceptionMiddleware           AppError / database errors -> {code, message}
-    Router                        the orders routes, straight to their endpoints;
+    Router                        the orders routes, each an ASGI endpoint that answers
+      |                           AppError / database errors as {code, message} itself;
       default -> FastAPI          everything else: ops routes, docs, 404, 405
 
-The orders endpoints take only the Request, so they skip FastAPI's per-request routing and
-dependency layers; FastAPI still has them registered and documents them in /openapi.json.
+The orders handlers take only the Request, so they skip FastAPI's per-request routing,
+dependency and exception layers; FastAPI still has them registered and documents them in
+/openapi.json, and renders errors with the same functions (errors.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,18 +28,21 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Match, Route, Router
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orders_api import idempotency
 from orders_api.config import Settings
 from orders_api.db import DatabaseUrlError, parse_database_url
 from orders_api.errors import (
+    DATABASE_ERRORS,
     EXCEPTION_HANDLERS,
+    AppError,
     ErrorBody,
+    database_error_response,
     error_body,
+    error_response,
     server_error_handler,
 )
 from orders_api.observability import (
@@ -66,6 +70,26 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class Endpoint:
+    """An orders handler as the ASGI app of its route: the Request in, its Response out.
+
+    An AppError or a database failure is answered here, by the same functions FastAPI's
+    exception handlers use; anything else is a bug and goes on to ServerErrorMiddleware.
+    """
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await self.handler(Request(scope, receive))
+        except AppError as exc:
+            response = error_response(exc)
+        except DATABASE_ERRORS as exc:
+            response = database_error_response(exc)
+        await response(scope, receive, send)
 
 
 class DirectRoute(Route):
@@ -172,16 +196,15 @@ def create_app(
     # FastAPI's documented way to extend the document: replace the method that builds it.
     api.openapi = openapi_for(api, settings)  # type: ignore[method-assign]
     direct = [
-        DirectRoute(route.path, route.endpoint, methods=list(route.methods or ()), name=route.name)
+        DirectRoute(
+            route.path, Endpoint(route.endpoint), methods=list(route.methods or ()), name=route.name
+        )
         for route in orders_router.routes
         if isinstance(route, APIRoute)
     ]
     front = Router(routes=direct, default=api, lifespan=lifespan)
     app: ASGIApp = RequestContextMiddleware(
-        ServerErrorMiddleware(
-            ExceptionMiddleware(front, handlers=EXCEPTION_HANDLERS),
-            handler=server_error_handler,
-        ),
+        ServerErrorMiddleware(front, handler=server_error_handler),
         max_body_bytes=settings.max_body_bytes,
         max_header_bytes=settings.max_header_bytes,
     )

@@ -226,13 +226,18 @@ async def app_error_handler(_request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def database_error_handler(_request: Request, exc: Exception) -> Response:
+def database_error_response(exc: BaseException) -> Response:
+    """The answer to a database failure: 503 / 409 as database_error says, else a logged 500."""
     error = database_error(exc)
     if error is None:
         log.error("database error", exc_info=exc)
         return error_response(AppError("internal error"))
     log.warning("database unavailable", error=error.message, cause=type(exc).__name__)
     return error_response(error)
+
+
+async def database_error_handler(_request: Request, exc: Exception) -> Response:
+    return database_error_response(exc)
 
 
 async def request_validation_handler(_request: Request, exc: Exception) -> Response:

@@ -123,5 +123,5 @@ def tenancy_for(settings: Settings) -> HeaderTenancy | JwtVerifier:
 def tenant_of(request: Request) -> str:
     """The tenant of the request (401 when missing or invalid), by the configured mode that
     the lifespan put in the request state."""
-    tenancy: HeaderTenancy | JwtVerifier = request.state.tenancy
+    tenancy: HeaderTenancy | JwtVerifier = request.scope["state"]["tenancy"]
     return tenancy.tenant_of(request)

@@ -128,7 +128,7 @@ def parse_if_match(value: str) -> frozenset[int] | None:
 
 def orders_of(request: Request) -> OrderService:
     """The service the lifespan built."""
-    service: OrderService = request.state.orders
+    service: OrderService = request.scope["state"]["orders"]
     return service
 
 
@@ -299,6 +299,63 @@ async def create_order(request: Request) -> Response:
     return encoded_response(result.body, 200 if result.replayed else 201, **headers)
 
 
+@router.get(
+    "",
+    response_model=OrderPage,
+    operation_id="listOrders",
+    responses={200: {"description": "A page of orders", "links": _PAGE_LINKS}, **_errors(400)},
+    openapi_extra={
+        "parameters": [LIMIT.doc, CURSOR.doc, STATUS.doc],
+        "security": TENANT_SECURITY,
+    },
+)
+async def list_orders(request: Request) -> Response:
+    """The tenant's orders, newest first, a page at a time: send `nextCursor` back as
+    `cursor` for the next page (it is null on the last). A cursor only works with the `status`
+    filter it was made with."""
+    tenant = tenant_of(request)
+    errors: list[dict[str, Any]] = []
+    limit: int = LIMIT.of(request, errors)
+    cursor: str | None = CURSOR.of(request, errors)
+    status: str | None = STATUS.of(request, errors)
+    check_parameters(errors)
+    page = await orders_of(request).list_page(tenant, limit, cursor, status)
+    return encoded_response(page)
+
+
+@router.get(
+    "/{order_id}",
+    response_model=Order,
+    operation_id="getOrder",
+    responses={
+        200: {"description": "The order", "headers": {"ETag": _ETAG}},
+        304: {
+            "description": "Not Modified: If-None-Match names the current version (no body)",
+            "headers": {"ETag": _ETAG},
+        },
+        **_errors(400, 404),
+    },
+    openapi_extra={
+        "parameters": [ORDER_ID_PARAMETER, IF_NONE_MATCH.doc],
+        "security": TENANT_SECURITY,
+    },
+)
+async def get_order(request: Request) -> Response:
+    """One order of the tenant, its version as ETag. If-None-Match naming the current
+    version answers 304 without a body."""
+    tenant = tenant_of(request)
+    errors: list[dict[str, Any]] = []
+    if_none_match: str | None = IF_NONE_MATCH.of(request, errors)
+    check_parameters(errors)
+    result = await orders_of(request).get(tenant, order_id_of(request))
+    etag = f'"{result.version}"'
+    if if_none_match is not None:
+        held = parse_if_match(if_none_match)
+        if held is None or result.version in held:  # weak comparison, as RFC 9110 asks
+            return Response(status_code=304, headers={"etag": etag})
+    return encoded_response(result.body, etag=etag)
+
+
 def _change_parameters(request: Request) -> tuple[str | None, frozenset[int] | None, str | None]:
     """If-Match as sent (None: absent), the versions it accepts (None: any), and the
     Idempotency-Key of a confirm or close (None: absent)."""
@@ -400,60 +457,3 @@ async def close_order(request: Request) -> Response:
         lambda use: orders.close(tenant, order_id, expected, use),
         lambda: idempotency.change_fingerprint("close", order_id, expected, body.model_dump()),
     )
-
-
-@router.get(
-    "/{order_id}",
-    response_model=Order,
-    operation_id="getOrder",
-    responses={
-        200: {"description": "The order", "headers": {"ETag": _ETAG}},
-        304: {
-            "description": "Not Modified: If-None-Match names the current version (no body)",
-            "headers": {"ETag": _ETAG},
-        },
-        **_errors(400, 404),
-    },
-    openapi_extra={
-        "parameters": [ORDER_ID_PARAMETER, IF_NONE_MATCH.doc],
-        "security": TENANT_SECURITY,
-    },
-)
-async def get_order(request: Request) -> Response:
-    """One order of the tenant, its version as ETag. If-None-Match naming the current
-    version answers 304 without a body."""
-    tenant = tenant_of(request)
-    errors: list[dict[str, Any]] = []
-    if_none_match: str | None = IF_NONE_MATCH.of(request, errors)
-    check_parameters(errors)
-    result = await orders_of(request).get(tenant, order_id_of(request))
-    etag = f'"{result.version}"'
-    if if_none_match is not None:
-        held = parse_if_match(if_none_match)
-        if held is None or result.version in held:  # weak comparison, as RFC 9110 asks
-            return Response(status_code=304, headers={"etag": etag})
-    return encoded_response(result.body, etag=etag)
-
-
-@router.get(
-    "",
-    response_model=OrderPage,
-    operation_id="listOrders",
-    responses={200: {"description": "A page of orders", "links": _PAGE_LINKS}, **_errors(400)},
-    openapi_extra={
-        "parameters": [LIMIT.doc, CURSOR.doc, STATUS.doc],
-        "security": TENANT_SECURITY,
-    },
-)
-async def list_orders(request: Request) -> Response:
-    """The tenant's orders, newest first, a page at a time: send `nextCursor` back as
-    `cursor` for the next page (it is null on the last). A cursor only works with the `status`
-    filter it was made with."""
-    tenant = tenant_of(request)
-    errors: list[dict[str, Any]] = []
-    limit: int = LIMIT.of(request, errors)
-    cursor: str | None = CURSOR.of(request, errors)
-    status: str | None = STATUS.of(request, errors)
-    check_parameters(errors)
-    page = await orders_of(request).list_page(tenant, limit, cursor, status)
-    return encoded_response(page)
