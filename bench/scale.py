@@ -33,6 +33,7 @@ from orders_api.orders import store
 TOTAL_ORDERS = 1_000_000
 TENANTS = 100
 DEEP = 50_000
+DEEP_FILTERED = 15_000  # within the biggest tenant's closed orders (a third of its rows)
 SMALL_TENANT = "scale-small"
 
 BULK_LOAD = """
@@ -70,21 +71,30 @@ async def bulk_load(url: str, sizes: dict[str, int]) -> float:
     return time.perf_counter() - started
 
 
-async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
+async def explain(url: str, tenant: str, depth: int, status: str | None = None) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the API's list statement (orders_api.orders.store), for the
-    first page or the page `depth` rows in."""
+    first page or the page `depth` rows in; filtered by `status` when given."""
+    where = "tenant_id = $1" + ("" if status is None else " AND status = $3")
     conn = await asyncpg.connect(url)
     try:
-        sql, params = store.LIST_FIRST_PAGE, [tenant, 11]
+        if status is None:
+            sql, params = store.LIST_FIRST_PAGE, [tenant, 11]
+        else:
+            sql, params = store.LIST_FIRST_PAGE_BY_STATUS, [tenant, 11, status]
         if depth:
             row = await conn.fetchrow(
-                "SELECT created_at, id FROM orders WHERE tenant_id = $1"
+                f"SELECT created_at, id FROM orders WHERE {where}"
                 " ORDER BY created_at DESC, id DESC OFFSET $2 LIMIT 1",
                 tenant,
                 depth - 1,
+                *([] if status is None else [status]),
             )
             assert row is not None
-            sql, params = store.LIST_AFTER_CURSOR, [tenant, 11, row["created_at"], row["id"]]
+            after = [row["created_at"], row["id"]]
+            if status is None:
+                sql, params = store.LIST_AFTER_CURSOR, [tenant, 11, *after]
+            else:
+                sql, params = store.LIST_AFTER_CURSOR_BY_STATUS, [tenant, 11, *after, status]
         # A generic plan is what a prepared statement runs after its first executions.
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)
@@ -92,9 +102,12 @@ async def explain(url: str, tenant: str, depth: int) -> dict[str, Any]:
         await conn.close()
     plan = [r[0] for r in rows]
     text = "\n".join(plan)
+    index = (
+        "ix_orders_tenant_created_id" if status is None else "ix_orders_tenant_status_created_id"
+    )
     return {
         "plan": plan,
-        "index_scan": "Index Scan using ix_orders_tenant_created_id" in text,
+        "index_scan": f"Index Scan using {index}" in text,
         "sort": any(line.strip().startswith(("Sort", "->  Sort")) for line in plan),
     }
 
@@ -162,6 +175,10 @@ def main() -> int:
     plans = {
         "first": asyncio.run(explain(url, big, 0)),
         "deep": asyncio.run(explain(url, big, DEEP)),
+        "first, status=closed": asyncio.run(explain(url, big, 0, "closed")),
+        f"{DEEP_FILTERED:,} deep, status=closed": asyncio.run(
+            explain(url, big, DEEP_FILTERED, "closed")
+        ),
     }
     first = results[f"list first ({n})"]
     deep = results[f"list {DEEP:,} deep ({n})"]
