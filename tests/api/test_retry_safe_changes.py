@@ -28,6 +28,34 @@ from tests.helpers import FakeClock, auth, make_settings
 WINDOW = 3600  # Settings' default, which the test app runs with
 
 
+async def change(
+    client: httpx.AsyncClient,
+    operation: str,
+    tenant: str,
+    order_id: str,
+    key: str | None,
+    *,
+    if_match: str | None,
+    content: bytes | None = None,
+    body: Any = None,
+    **headers: str,
+) -> httpx.Response:
+    """PATCH …/confirm or POST …/close with the key, If-Match and body given."""
+    if key is not None:
+        headers["Idempotency_Key"] = key
+    if if_match is not None:
+        headers["If_Match"] = if_match
+    if content is not None:
+        headers["Content_Type"] = "application/json"
+    send = client.patch if operation == "confirm" else client.post
+    return await send(
+        f"/orders/{order_id}/{operation}",
+        headers=auth(tenant, **headers),
+        content=content,
+        json=body if content is None else None,
+    )
+
+
 async def confirm(
     client: httpx.AsyncClient,
     tenant: str,
@@ -39,20 +67,11 @@ async def confirm(
     content: bytes | None = None,
     **headers: str,
 ) -> httpx.Response:
-    if key is not None:
-        headers["Idempotency_Key"] = key
-    if if_match is not None:
-        headers["If_Match"] = if_match
-    if content is not None:
-        headers["Content_Type"] = "application/json"
-        return await client.patch(
-            f"/orders/{order_id}/confirm", headers=auth(tenant, **headers), content=content
-        )
-    return await client.patch(
-        f"/orders/{order_id}/confirm",
-        headers=auth(tenant, **headers),
-        json={"totalCents": 5} if body is None else body,
-    )
+    body = {"totalCents": 5} if body is None and content is None else body
+    return await change(
+        client, "confirm", tenant, order_id, key, if_match=if_match, content=content, body=body,
+        **headers,
+    )  # fmt: skip
 
 
 async def close(
@@ -65,14 +84,8 @@ async def close(
     content: bytes | None = None,
     **headers: str,
 ) -> httpx.Response:
-    if key is not None:
-        headers["Idempotency_Key"] = key
-    if if_match is not None:
-        headers["If_Match"] = if_match
-    if content is not None:
-        headers["Content_Type"] = "application/json"
-    return await client.post(
-        f"/orders/{order_id}/close", headers=auth(tenant, **headers), content=content
+    return await change(
+        client, "close", tenant, order_id, key, if_match=if_match, content=content, **headers
     )
 
 
