@@ -29,8 +29,6 @@ from orders_api.pagination import CursorSecret, InvalidCursor, decode_cursor, en
 
 # The fields of each stored response, in the order they were sent (jsonb does not keep it).
 CREATED_FIELDS = ("id", "tenantId", "status", "version", "createdAt")
-CONFIRMED_FIELDS = ("id", "status", "version", "totalCents")
-CLOSED_FIELDS = ("id", "status", "version")
 
 Clock = Callable[[], datetime]
 
@@ -202,12 +200,11 @@ class OrderService:
         async def change(now: datetime) -> int | None:
             return await self.store.confirm(tenant_id, order_id, expected, total_cents, now, key)
 
-        result = await self._change(tenant_id, order_id, expected, key, change, CONFIRMED_FIELDS)
-        if isinstance(result, Encoded):
-            return result
-        body = {"id": str(order_id), "status": "confirmed", "version": result}
-        body["totalCents"] = total_cents
-        return Encoded(orjson.dumps(body), result)
+        def answer(version: int) -> dict[str, Any]:
+            body = {"id": str(order_id), "status": "confirmed", "version": version}
+            return {**body, "totalCents": total_cents}
+
+        return await self._change(tenant_id, order_id, expected, key, change, answer)
 
     async def close(
         self,
@@ -221,12 +218,13 @@ class OrderService:
         async def change(now: datetime) -> int | None:
             return await self.store.close(tenant_id, order_id, expected, now, iso(now), key)
 
-        result = await self._change(tenant_id, order_id, expected, key, change, CLOSED_FIELDS)
-        if isinstance(result, Encoded):
-            return result
-        self.wake_relay()
-        body = {"id": str(order_id), "status": "closed", "version": result}
-        return Encoded(orjson.dumps(body), result)
+        def answer(version: int) -> dict[str, Any]:
+            return {"id": str(order_id), "status": "closed", "version": version}
+
+        result = await self._change(tenant_id, order_id, expected, key, change, answer)
+        if not result.replayed:
+            self.wake_relay()
+        return result
 
     async def _change(
         self,
@@ -235,10 +233,11 @@ class OrderService:
         expected: Collection[int] | None,
         key: KeyUse | None,
         change: Callable[[datetime], Awaitable[int | None]],
-        fields: tuple[str, ...],
-    ) -> int | Encoded:
-        """The new version; or, for a key already used by this very request, its stored
-        response; else the error that explains why nothing changed.
+        answer: Callable[[int], dict[str, Any]],
+    ) -> Encoded:
+        """The answer to a change that happened (`answer` of the new version); or, for a key
+        already used by this very request, its stored answer; else the error that explains
+        why nothing changed.
 
         A failed change stores nothing, so its key stays free; a key past the window is
         freed and the change tried once more.
@@ -251,7 +250,7 @@ class OrderService:
             except KeyTaken:
                 version, taken = None, True
             if version is not None:
-                return version
+                return Encoded(orjson.dumps(answer(version)), version)
             context = await self.store.explain_change(
                 tenant_id, order_id, None if key is None else key.key
             )
@@ -267,7 +266,8 @@ class OrderService:
             if stored.request_hash != key.request_hash:
                 raise key_reused("request (operation, order, body or If-Match)")
             await self.store.confirm_replicated()
-            replay, document = _stored_response(stored, fields)
+            # The stored answer has the fields `answer` gives, in that order.
+            replay, document = _stored_response(stored, tuple(answer(0)))
             return Encoded(replay, int(document["version"]), replayed=True)
         raise request_in_progress()
 
